@@ -1,0 +1,163 @@
+"""Forward+backward speed of our JetMoE against transformers' JetMoeForCausalLM: same weights, same batch,
+alternated in one process; medians of repeats. Prints the achieved GFLOP/s against this machine's measured
+fp32 matmul rate, the activation memory each keeps for backward, and the speed ratio last.
+
+    python bench/model_cpu.py [--repeats 7] [--hidden 384] [--layers 4] [--experts 8] [--batch 4] [--seq 512]
+    python bench/model_cpu.py --device cuda --dtype bfloat16      # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=6)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p.parse_args()
+
+
+def step_flops(c: JetMoEConfig, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one forward+backward (backward = 2x forward); causal attention counts half."""
+    d, k, e, f, v = c.hidden_size, c.num_experts_per_tok, c.num_local_experts, c.intermediate_size, c.vocab_size
+    proj = c.num_key_value_heads * c.kv_channels
+    per_token_layer = (
+        2 * 2 * d * e  # two routers
+        + k * 2 * d * proj * 2  # query and output projections of k attention experts
+        + 2 * d * 2 * proj  # shared key/value projection
+        + k * c.num_key_value_heads * 2 * 2 * c.kv_channels * seq / 2  # scores and weighted values, causal
+        + k * (2 * d * 2 * f + 2 * f * d)  # k gated MLP experts
+    )
+    return 3 * batch * seq * (c.num_hidden_layers * per_token_layer + 2 * d * v)
+
+
+def matmul_rate(device, dtype, n=1024, repeats=9) -> tuple[float, float]:
+    """GFLOP/s of a large matmul, per wall second and per process CPU second (median of repeats)."""
+    a = torch.randn(4 * n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        a @ b
+        sync(device)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    flops = 2 * 4 * n * n * n
+    return flops / statistics.median(wall) / 1e9, flops / statistics.median(cpu) / 1e9
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Bytes of distinct tensors autograd keeps for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    del loss
+    return sum(storages.values())
+
+
+def train_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import JetMoeConfig as HFConfig, JetMoeForCausalLM as HFModel
+
+    dtype = getattr(torch, args.dtype)
+    config = JetMoEConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                          num_key_value_heads=args.kv_heads, kv_channels=args.head_dim,
+                          intermediate_size=args.intermediate, num_local_experts=args.experts,
+                          num_experts_per_tok=args.top_k, max_position_embeddings=max(args.seq, 512))
+    torch.manual_seed(0)
+    ours = JetMoEForCausalLM(config).to(args.device, dtype)
+    hf_kwargs = {k: v for k, v in config.to_dict().items() if k not in ("z_loss_coef", "gradient_checkpointing")}
+    hf_kwargs["output_router_logits"] = True  # so that it trains its aux loss too, as ours does
+    hf = HFModel(HFConfig(**hf_kwargs)).to(args.device, dtype)
+    hf.config._attn_implementation = "sdpa"
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    hf.config.use_cache = False
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=args.device)
+
+    with torch.no_grad():  # same weights -> same logits (bf16: loosely)
+        diff = (ours(ids).logits.float() - hf(ids).logits.float()).abs().max().item()
+    times = {"ours": [], "transformers": []}
+    cpu_times = {"ours": [], "transformers": []}  # process CPU time: less sensitive to other jobs on the machine
+    models = {"ours": ours, "transformers": hf}
+    for name in models:  # warm-up
+        train_step(models[name], ids)
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            sync(args.device)
+            t, c = time.perf_counter(), time.process_time()
+            train_step(model, ids)
+            sync(args.device)
+            times[name].append(time.perf_counter() - t)
+            cpu_times[name].append(time.process_time() - c)
+
+    flops = step_flops(config, args.batch, args.seq)
+    peak_wall, peak_cpu = matmul_rate(args.device, dtype)
+    tokens = args.batch * args.seq
+    on_cpu = torch.device(args.device).type == "cpu"
+    print(f"config: hidden {args.hidden}, layers {args.layers}, experts {args.experts} top-{args.top_k}, "
+          f"kv {args.kv_heads}x{args.head_dim}, mlp {args.intermediate}, vocab {args.vocab}, batch "
+          f"{args.batch}x{args.seq}, {args.device} {args.dtype}, {torch.get_num_threads()} threads; "
+          f"max |logit diff| {diff:.2e}")
+    print(f"fp32 matmul rate: {peak_wall:.1f} GFLOP/s wall" + (f", {peak_cpu:.1f} per CPU-second" if on_cpu else "")
+          + f"; one step: {flops / 1e9:.1f} GFLOP")
+    for name in models:
+        med, fastest = statistics.median(times[name]), min(times[name])
+        line = (f"{name:>13}: {tokens / med:8.0f} tokens/s  {flops / med / 1e9:6.1f} GFLOP/s "
+                f"({flops / med / 1e9 / peak_wall:4.0%} of matmul)  wall median {med * 1e3:6.0f} ms, min "
+                f"{fastest * 1e3:6.0f} ms")
+        if on_cpu:
+            cpu = statistics.median(cpu_times[name])
+            line += f"  CPU {cpu:5.2f} s ({flops / cpu / 1e9 / peak_cpu:4.0%} of matmul per CPU-second)"
+        mib = saved_activation_bytes(models[name], ids) / 2**20
+        print(line + f"  saved activations {mib:.0f} MiB")
+    if on_cpu:
+        print(f"CPU-time ratio ours/transformers: "
+              f"{statistics.median(cpu_times['transformers']) / statistics.median(cpu_times['ours']):.2f}x "
+              "(process CPU time; the steadiest measure on a shared machine)")
+    print(f"fastest-step ratio ours/transformers: {min(times['transformers']) / min(times['ours']):.2f}x")
+    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
+    print(f"speed ratio ours/transformers: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Expert weights and the local token dispatcher.
+
+A sparse layer computes its experts in three steps: `dispatch` gathers the token rows of every local
+expert into one contiguous block per expert, `GroupedExperts` multiplies every block by its expert's
+weight in a single grouped matmul, and `combine` puts the results back in token/slot order. An
+expert-parallel dispatcher (jetmoe.parallel) replaces `LocalDispatcher` with one that moves rows
+between ranks; the layer code stays the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not _HAS_GROUPED_MM or x.dtype != weight.dtype or x.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    # The kernel wants 16-byte aligned row strides on both operands.
+    align = 16 // x.element_size()
+    if x.shape[-1] % align or weight.shape[1] % align:
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu"
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Rows of x [M, in], grouped by expert, times their expert's weight [E, out, in] -> [M, out]."""
+    if _grouped_mm_supported(x, weight):
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    chunks = x.split(tokens_per_expert.tolist(), dim=0)
+    return torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight)], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """One linear map per expert, stored as weight [num_experts, out_features, in_features]."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    @property
+    def num_experts(self) -> int:
+        # E, or E / ep once jetmoe.parallel keeps only this rank's slice.
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight, tokens_per_expert)
+
+    def extra_repr(self) -> str:
+        e, out, inp = self.weight.shape
+        return f"experts={e}, in={inp}, out={out}"
+
+
+@dataclass
+class LocalPlan:
+    order: torch.Tensor  # [T*k] flat slot indices (token * k + slot), sorted by expert
+    inverse: torch.Tensor  # [T*k] position of each flat slot inside `order`
+    tokens_per_local_expert: torch.Tensor  # LongTensor[E]
+    num_tokens: int
+    top_k: int
+
+
+class LocalDispatcher:
+    """All experts live in this process: dispatch is a sort by expert, combine the inverse permutation."""
+
+    def plan(self, expert_ids: torch.Tensor, num_experts: int) -> LocalPlan:
+        num_tokens, top_k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        return LocalPlan(order, inverse, counts, num_tokens, top_k)
+
+    def dispatch(self, x: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
+        if x.dim() == 2:  # one row per token, shared by its k slots
+            return x.index_select(0, plan.order // plan.top_k)
+        return x.reshape(-1, x.shape[-1]).index_select(0, plan.order)
+
+    def combine(self, y: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
+        return y.index_select(0, plan.inverse).view(plan.num_tokens, plan.top_k, y.shape[-1])

@@ -1,0 +1,55 @@
+"""Sparse layers: the shared base (router + experts + dispatcher) and the MoE feed-forward layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from jetmoe.model.experts import GroupedExperts, LocalDispatcher
+from jetmoe.model.layers import swiglu
+from jetmoe.model.router import RouterLoss, TopKRouter
+
+
+class SparseLayer(nn.Module):
+    """A layer whose tokens pick top-k of `num_experts` experts.
+
+    Exposes `router`, `input_linear`, `output_linear`, `bias` and a settable `dispatcher`; after each
+    forward, `router_loss` holds this micro-batch's RouterLoss.
+    """
+
+    num_experts: int  # global count (config.num_local_experts); the weights may hold a slice of them
+    top_k: int
+    router_loss: RouterLoss | None
+
+    def _init_sparse(self, num_experts: int, top_k: int) -> None:
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.dispatcher = LocalDispatcher()
+        self.router_loss = None
+
+
+def weighted_sum_over_slots(y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """sum_j gates[t, j] * y[t, j, :] for y [T, k, D], gates [T, k]."""
+    return torch.bmm(gates.unsqueeze(1), y).squeeze(1)
+
+
+class MoE(SparseLayer):
+    """Mixture of gated-SiLU MLP experts: expert e maps x to W2_e (silu(W1a_e x) * W1b_e x); plus a shared bias."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.input_linear = GroupedExperts(num_experts, hidden_size, 2 * intermediate_size)
+        self.output_linear = GroupedExperts(num_experts, intermediate_size, hidden_size)
+        self.router = TopKRouter(hidden_size, num_experts, top_k)
+        self._init_sparse(num_experts, top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        expert_ids, gates, self.router_loss = self.router(x)
+        plan = self.dispatcher.plan(expert_ids, self.num_experts)
+        h = self.input_linear(self.dispatcher.dispatch(x, plan), plan.tokens_per_local_expert)
+        h = self.output_linear(swiglu(h), plan.tokens_per_local_expert)
+        y = weighted_sum_over_slots(self.dispatcher.combine(h, plan), gates)
+        return (y + self.bias).view(shape)

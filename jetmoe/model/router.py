@@ -1,0 +1,56 @@
+"""Top-k router and the JetMoE paper's router losses (section 2.4: load balancing and z-loss)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class RouterLoss(NamedTuple):
+    """One router's losses on one micro-batch: balance and z carry gradient; the counts are detached."""
+
+    balance: torch.Tensor  # 0-dim, E * sum_i f_i * P_i
+    z: torch.Tensor  # 0-dim, mean over tokens of logsumexp(logits)^2
+    tokens_per_expert: torch.Tensor  # LongTensor[E], assignments per expert (T * k in total)
+
+
+class Routing(NamedTuple):
+    expert_ids: torch.Tensor  # [T, k], best first
+    gates: torch.Tensor  # [T, k], softmax over the k chosen logits, in the input dtype
+    loss: RouterLoss
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, without a device-to-host sync (unlike bincount on CUDA)."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+
+
+def router_loss(logits: torch.Tensor, expert_ids: torch.Tensor) -> RouterLoss:
+    """Paper losses from fp32 logits [T, E] and the chosen experts [T, k]."""
+    num_tokens, num_experts = logits.shape
+    counts = expert_counts(expert_ids, num_experts)
+    share = counts.float() / expert_ids.numel()  # f_i: share of the T*k assignments
+    mean_prob = torch.softmax(logits, dim=-1).mean(0)  # P_i
+    balance = num_experts * (share * mean_prob).sum()
+    z = torch.logsumexp(logits, dim=-1).square().mean()
+    return RouterLoss(balance, z, counts)
+
+
+class TopKRouter(nn.Module):
+    """Linear scores -> top-k experts; gates are the softmax over the k chosen logits (computed in fp32)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.layer = nn.Linear(dim, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.layer(x).float()
+        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1).to(x.dtype)
+        return Routing(expert_ids, gates, router_loss(logits, expert_ids))
