@@ -1,0 +1,221 @@
+"""Per-step metrics on global rank 0: metrics.jsonl (flushed each step), wandb, console and progress bar.
+
+Throughput accounting: FLOPs per token = 6 x active parameters + 12 x layers x attention width x seq_len
+(forward + backward, attention scores and values, PaLM's convention); MFU = achieved / peak per device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from jetmoe.errors import JetMoEError
+
+PEAK_TFLOPS_BF16 = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+# Every row of metrics.jsonl carries at least these (DESIGN section 4).
+REQUIRED_KEYS = ("step", "lm_loss", "aux_loss", "balance_loss", "z_loss", "loss", "lr", "grad_norm", "tokens",
+                 "tokens_per_sec")
+
+
+def active_params(config) -> tuple[int, int]:
+    """(total, active per token) parameter counts, counted analytically from the config."""
+    D, E, k = config.hidden_size, config.num_local_experts, config.num_experts_per_tok
+    attn_width = config.num_key_value_heads * config.kv_channels
+    moa_experts = E * (attn_width * D + D * attn_width)  # per-expert query and output projections
+    moa_dense = D * 2 * attn_width + D * E + D  # shared KV projection, router, output bias
+    moe_experts = E * (D * 2 * config.intermediate_size + config.intermediate_size * D)
+    moe_dense = D * E + D
+    norms = 2 * D
+    block_total = moa_experts + moa_dense + moe_experts + moe_dense + norms
+    block_active = (moa_experts + moe_experts) * k // E + moa_dense + moe_dense + norms
+    embed = config.vocab_size * D
+    head = 0 if config.tie_word_embeddings else embed
+    L = config.num_hidden_layers
+    total = L * block_total + embed + head + D
+    active = L * block_active + embed + head + D
+    return total, active
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    _, active = active_params(config)
+    attn_width = config.num_key_value_heads * config.kv_channels * config.num_experts_per_tok
+    return 6.0 * active + 12.0 * config.num_hidden_layers * attn_width * seq_len
+
+
+def peak_tflops(cfg: DictConfig, cuda: bool, bf16: bool) -> float | None:
+    if cfg.cluster.peak_tflops:
+        return float(cfg.cluster.peak_tflops)
+    if not cuda:
+        return None  # no meaningful peak for a CPU
+    peak = PEAK_TFLOPS_BF16.get(str(cfg.cluster.gpu).lower())
+    if peak is None:
+        return None
+    return peak if bf16 else peak / 2  # dense tf32 is about half of bf16 on these parts
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def peak_memory_mib(cuda: bool) -> dict:
+    """Peak memory of this process (rank 0's row), and the largest peak over all ranks."""
+    import torch.distributed as dist
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_dev = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    out = {"peak_rss_mib": round(peak_rss, 1)}
+    if cuda:
+        out["peak_mem_mib"] = round(peak_dev, 1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.tensor([peak_rss, peak_dev], dtype=torch.float64,
+                            device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        out["peak_rss_mib_max"] = round(float(both[0]), 1)
+        if cuda:
+            out["peak_mem_mib_max"] = round(float(both[1]), 1)
+    return out
+
+
+class MetricsLogger:
+    """Writes rows on rank 0 only; other ranks hold an inert instance."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, max_steps: int):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.file = None
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.run_dir / "metrics.jsonl", "a")
+        self._start_wandb()
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _start_wandb(self) -> None:
+        w = self.cfg.logging.wandb
+        if w.mode == "disabled":
+            return
+        if w.mode not in ("offline", "online"):
+            raise JetMoEError(f"logging.wandb.mode={w.mode!r} is unknown; use offline, online or disabled")
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wandb_dir = Path(w.dir) if w.dir else self.run_dir
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb.init(
+            mode=w.mode, project=w.project, entity=w.entity, name=w.name or self.run_dir.name,
+            tags=list(w.tags), dir=str(wandb_dir),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            settings=wandb.Settings(console="off", x_disable_stats=True) if _has_settings(wandb) else None,
+        )
+        self.wandb.define_metric("step")
+        self.wandb.define_metric("*", step_metric="step")
+
+    def set_start(self, step: int) -> None:
+        """A resumed run continues at `step`: rows of later steps (written before a crash) are dropped."""
+        if not self.enabled:
+            return
+        self.file.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(_flatten(row))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {row.get('lm_loss', float('nan')):.3f}", refresh=False)
+        step = row["step"]
+        last = step == self.cfg.train.max_steps
+        if self.cfg.logging.console and (step % max(1, self.cfg.train.log_every) == 0 or step == 1 or last
+                                         or "eval_loss" in row or row.get("skipped")):
+            self.print(format_row(row))
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a torn last line: drop it
+
+
+def _has_settings(wandb) -> bool:
+    try:
+        wandb.Settings(console="off", x_disable_stats=True)
+        return True
+    except Exception:
+        return False
+
+
+def _flatten(row: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, list):
+            if v and isinstance(v[0], list):
+                continue  # per-expert shares: metrics.jsonl and plot.py only
+            for i, x in enumerate(v):
+                out[f"{key}/layer_{i}"] = x
+        elif v is not None:
+            out[key] = v
+    return out
+
+
+def format_row(row: dict) -> str:
+    parts = [f"step {row['step']:>6}"]
+    for key, fmt in (("lm_loss", "lm {:.4f}"), ("aux_loss", "aux {:.4f}"), ("balance_loss", "bal {:.3f}"),
+                     ("z_loss", "z {:.3f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
+                     ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("eval_loss", "eval {:.4f}")):
+        v = row.get(key)
+        if v is not None and not (isinstance(v, float) and math.isnan(v) and key == "mfu"):
+            parts.append(fmt.format(v))
+    if row.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    return " | ".join(parts)

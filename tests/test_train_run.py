@@ -1,0 +1,67 @@
+"""The entry point end to end: a short run writes every metrics key, config.yaml and an offline wandb run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+
+from trainer_small import SMALL  # noqa: E402
+from trainer_wandb import history  # noqa: E402
+
+from jetmoe.training.metrics import REQUIRED_KEYS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_short_default_run_writes_every_metric_and_an_offline_wandb_run(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train/pretrain.py"), *SMALL, "logging=default", "logging.wandb.mode=offline",
+         "logging.progress_bar=false", "logging.router_every=2", "train.eval_every=3", "train.eval_batches=1",
+         f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        missing = [k for k in REQUIRED_KEYS if k not in r]
+        assert not missing, missing
+        assert all(math.isfinite(r[k]) for k in REQUIRED_KEYS)
+        assert r["loss"] == r["lm_loss"] + r["aux_loss"]
+        assert r["aux_loss"] == 0.01 * r["balance_loss"] + 0.001 * r["z_loss"]  # tiny preset's coefficients
+        assert r["skipped"] is False
+    assert rows[-1]["tokens"] == 3 * 8 * 32
+    assert "eval_loss" in rows[2] and math.isfinite(rows[2]["eval_loss"])
+    router = rows[1]["router"]  # router_every=2
+    assert len(router["balance_moe"]) == 4 and len(router["share_moa"][0]) == 4
+    # per-layer balance losses add up to the logged total
+    total = sum(router["balance_moa"]) + sum(router["balance_moe"])
+    assert abs(total - rows[1]["balance_loss"]) < 1e-4 * total
+    assert (run_dir / "config.yaml").exists()
+    # a readable per-step console line
+    assert "step      3 | lm " in proc.stdout + proc.stderr
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = history(runs[0])
+    assert [h["lm_loss"] for h in logged] == [r["lm_loss"] for r in rows]
+    assert [h["aux_loss"] for h in logged] == [r["aux_loss"] for r in rows]
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    # Weights of 1e30 overflow the gradients from the first step on.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train/pretrain.py"), *SMALL, "train.max_steps=6", "model.initializer_range=1e30",
+         "train.max_skipped_steps=2", f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 consecutive steps" in errors[0] and "Traceback" not in proc.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"], r["skipped_total"]) for r in rows] == [(1, True, 1), (2, True, 2)]
+    assert rows[0]["lm_loss"] == rows[1]["lm_loss"]  # the skipped update left the weights alone

@@ -1,0 +1,241 @@
+"""Trainer pieces that need no engine: config tree, LR schedules, batch arithmetic, layout checks."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from jetmoe.errors import JetMoEError
+from jetmoe.model import JetMoEConfig
+from jetmoe.parallel.topology import make_layout, split_blocks
+from jetmoe.training.cli import CONFIG_DIR, _one_line, register, strip_local_rank
+from jetmoe.training.config import model_config
+from jetmoe.training.engine import deepspeed_config, grad_accumulation
+from jetmoe.training.schedules import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(*overrides):
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# ------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("preset", ["jetmoe_tiny", "jetmoe_8b"])
+def test_model_group_files_equal_the_presets(preset):
+    cfg = compose_cfg(f"model={preset}")
+    assert model_config(cfg).to_dict() == JetMoEConfig.preset(preset).to_dict()
+    assert cfg.model.name == preset
+
+
+def test_typo_in_a_key_fails_with_not_in_struct():
+    with pytest.raises(Exception) as e:
+        compose_cfg("train.lrr=1e-3")
+    assert "lrr" in _one_line(e.value) and "not in" in _one_line(e.value)
+    with pytest.raises(Exception):
+        compose_cfg("model.hiden_size=64")
+
+
+def test_model_overrides_reach_the_model_config():
+    cfg = compose_cfg("model.hidden_size=64", "model.num_hidden_layers=2", "parallel.partition=[1,1]")
+    mc = model_config(cfg)
+    assert (mc.hidden_size, mc.num_hidden_layers) == (64, 2)
+    assert list(cfg.parallel.partition) == [1, 1]
+
+
+def test_contract_keys_exist():
+    cfg = compose_cfg()
+    for key in ("data.path", "data.text_field", "data.seq_len", "data.tokenizer", "train.max_steps",
+                "train.global_batch_size", "train.micro_batch_size", "train.seed", "train.lr", "parallel.pp",
+                "parallel.ep", "checkpoint.every", "checkpoint.dir", "checkpoint.resume",
+                "logging.wandb.mode", "cluster.gpus"):
+        OmegaConf.select(cfg, key, throw_on_missing=False)  # raises if absent from the schema
+        parent, _, leaf = key.rpartition(".")
+        assert leaf in OmegaConf.select(cfg, parent), key
+
+
+def test_bad_override_fails_in_one_line_without_traceback():
+    proc = subprocess.run([sys.executable, str(REPO / "train/pretrain.py"), "train.max_stepz=3"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(err) == 1, proc.stderr
+    assert "max_stepz" in err[0] and "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # failed before anything ran
+
+
+def test_cfg_job_prints_the_config():
+    proc = subprocess.run([sys.executable, str(REPO / "train/pretrain.py"), "--cfg", "job", "parallel.pp=3"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.parallel.pp == 3 and cfg.model.name == "jetmoe_tiny"
+
+
+def test_strip_local_rank(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank(["--local_rank=2", "a=1", "--local_rank", "3", "b=2"]) == ["a=1", "b=2"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "2"
+
+
+# ----------------------------------------------------------------------------------- LR schedules
+def test_cosine_schedule_shape():
+    f = lr_multiplier("cosine", max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [f(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises linearly
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then never rises
+    assert lrs[-1] == pytest.approx(0.1)
+    mid = 10 + (100 - 10) // 2  # half-way through the decay the cosine is half-way down
+    assert f(mid - 1) == pytest.approx(0.55, abs=0.02)
+
+
+@pytest.mark.parametrize("shape", ["exp", "linear", "cosine"])
+def test_wsd_schedule_shape(shape):
+    f = lr_multiplier("wsd", max_steps=200, warmup_steps=20, min_lr_ratio=0.1, decay_fraction=0.25,
+                      decay_shape=shape)
+    lrs = [f(s) for s in range(200)]
+    assert lrs[:20] == pytest.approx([(s + 1) / 20 for s in range(20)])
+    assert set(lrs[19:150]) == {1.0}  # stable phase
+    decay = lrs[150:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decays over the last 25%
+    assert decay[-1] == pytest.approx(0.1) and decay[0] < 1.0
+    if shape == "exp":  # geometric: constant ratio between steps
+        ratios = [b / a for a, b in zip(decay, decay[1:])]
+        assert max(ratios) == pytest.approx(min(ratios))
+
+
+def test_schedule_errors_name_the_key():
+    with pytest.raises(JetMoEError, match="optim.schedule"):
+        lr_multiplier("linearish", 10, 1, 0.1)
+    with pytest.raises(JetMoEError, match="optim.min_lr_ratio"):
+        lr_multiplier("cosine", 10, 1, 0.0)
+
+
+# ---------------------------------------------------------------------------- batch arithmetic
+def test_grad_accumulation():
+    assert grad_accumulation(16, 4, 1) == 4
+    assert grad_accumulation(16, 2, 2) == 4
+    assert grad_accumulation(12, 2, 3) == 2
+
+
+@pytest.mark.parametrize("G,mb,dp", [(10, 4, 1), (16, 3, 2), (8, 4, 4)])
+def test_grad_accumulation_errors_are_clear(G, mb, dp):
+    with pytest.raises(JetMoEError) as e:
+        grad_accumulation(G, mb, dp)
+    msg = str(e.value)
+    assert f"train.global_batch_size={G}" in msg and f"micro_batch_size={mb}" in msg and f"dp={dp}" in msg
+    assert "\n" not in msg
+    suggested = [int(w.split("=")[1].rstrip(",")) for w in msg.split() if w.startswith("train.global_batch_size=")]
+    assert all(s % (mb * dp) == 0 for s in suggested[1:])  # the fixes it suggests do divide
+
+
+def test_generated_deepspeed_config_and_file_override(tmp_path):
+    cfg = compose_cfg("train.global_batch_size=16", "train.micro_batch_size=2", "optim.grad_clip=0.5")
+    ds = deepspeed_config(cfg, dp=2)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False  # CPU: fp32
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_clipping": 2.0, "zero_optimization": {"reduce_bucket_size": 1000}}))
+    cfg.train.deepspeed_config = str(user)
+    ds = deepspeed_config(cfg, dp=2)
+    assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    user.write_text(json.dumps({"train_batch_size": 64}))
+    with pytest.raises(JetMoEError, match="train_batch_size"):
+        deepspeed_config(cfg, dp=2)
+
+
+# ---------------------------------------------------------------------------------------- layout
+def test_layout_ranks_are_pipe_major():
+    layouts = [make_layout(6, r, pp=3, ep=2, num_layers=6, num_experts=4) for r in range(6)]
+    assert [(l.stage, l.dp_rank, l.ep_rank) for l in layouts] == [
+        (0, 0, 0), (0, 1, 1), (1, 0, 0), (1, 1, 1), (2, 0, 0), (2, 1, 1)]
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    topo = PipeDataParallelTopology(num_pp=3, num_dp=2)
+    assert all(topo.get_coord(l.rank).pipe == l.stage and topo.get_coord(l.rank).data == l.dp_rank
+               for l in layouts)
+
+
+@pytest.mark.parametrize("world,pp,ep,layers,experts,words", [
+    (4, 3, 1, 6, 4, ["world size 4", "parallel.pp=3"]),
+    (3, 3, 1, 2, 4, ["parallel.pp=3", "2 layers"]),
+    (6, 3, 4, 6, 8, ["parallel.ep=4", "dp=2"]),
+    (4, 1, 4, 6, 6, ["parallel.ep=4", "6"]),
+])
+def test_layout_errors_name_the_numbers(world, pp, ep, layers, experts, words):
+    with pytest.raises(JetMoEError) as e:
+        make_layout(world, 0, pp, ep, layers, experts)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_split_blocks():
+    assert split_blocks(24, 3, "uniform") == [8, 8, 8]
+    assert split_blocks(7, 3, "uniform") == [2, 2, 3]
+    assert split_blocks(6, 3, [1, 2, 3]) == [1, 2, 3]
+    # embedding and head weigh on the end stages: they get fewer blocks
+    assert split_blocks(8, 3, "parameters", [9, 1, 1, 1, 1, 1, 1, 9]) == [1, 6, 1]
+    with pytest.raises(JetMoEError, match="sum"):
+        split_blocks(6, 3, [1, 1, 1])
+    with pytest.raises(JetMoEError, match="partition"):
+        split_blocks(6, 3, "random")
+
+
+@pytest.mark.parametrize("preset", ["jetmoe_tiny", "jetmoe_8b"])
+def test_parameter_count_behind_mfu_matches_the_model(preset):
+    import torch
+
+    from jetmoe.model import JetMoEForCausalLM
+    from jetmoe.training.metrics import active_params
+
+    config = JetMoEConfig.preset(preset)
+    with torch.device("meta"):
+        model = JetMoEForCausalLM(config)
+    total, active = active_params(config)
+    assert total == sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n)
+    k_over_e = config.num_experts_per_tok / config.num_local_experts
+    assert active == total - expert + expert * k_over_e
+
+
+def test_resumed_metrics_drop_rows_after_the_resumed_step(tmp_path):
+    from jetmoe.training.metrics import MetricsLogger
+
+    cfg = compose_cfg("logging=quiet")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)) + '{"st')
+    logger = MetricsLogger(tmp_path, cfg, enabled=True, max_steps=10)
+    logger.set_start(2)  # the checkpoint was at step 2; steps 3, 4 and a torn line came after it
+    logger.log({"step": 3, "lm_loss": 1.0})
+    logger.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_plot_renders_every_curve(tmp_path):
+    rows = []
+    for step in range(1, 6):
+        row = {"step": step, "lm_loss": 8.0 - step, "aux_loss": 0.1, "lr": 1e-3 * step, "tokens_per_sec": 1000.0}
+        if step % 2 == 0:
+            row["eval_loss"] = 8.2 - step
+            row["router"] = {"share_moa": [[0.25] * 4] * 3, "share_moe": [[0.4, 0.2, 0.2, 0.2]] * 3}
+        rows.append(row)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(REPO / "train/plot.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["expert_load.png", "losses.png", "lr.png", "throughput.png"]
+    assert all((tmp_path / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    missing = subprocess.run([sys.executable, str(REPO / "train/plot.py"), str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and missing.stderr.strip().startswith("error:")
