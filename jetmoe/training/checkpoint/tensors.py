@@ -1,0 +1,199 @@
+"""Whole fp32 tensors of a (possibly sharded) model and its Adam state, by transformers' global names.
+
+Three kinds of sharding are undone on save and redone on load:
+- ZeRO-1 splits fp32 master weights and optimizer state over the data-parallel group (DeepSpeed's
+  safe_get/set_full_* reassemble them; collectives over each parameter's own dp group),
+- expert parallelism keeps rows [r*E/ep, (r+1)*E/ep) of each expert tensor on ep rank r,
+- pipeline stages hold disjoint parameter sets (each stage writes its own file).
+A plain torch optimizer (no DeepSpeed) works too, which is what the unit tests use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class Entry:
+    name: str  # global (transformers) name
+    param: torch.nn.Parameter
+    ep_group: object | None = None  # set when the local tensor holds this rank's rows of the expert tensor
+    ep_rank: int = 0
+    ep_size: int = 1
+
+
+def expert_group_of(param) -> tuple[object | None, int, int]:
+    """(group, rank, size) of the expert-parallel group sharding `param`, or (None, 0, 1)."""
+    if getattr(param, "allreduce", True) or not getattr(param, "group_name", None):
+        return None, 0, 1
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    group = groups._get_expert_parallel_group(param.group_name)
+    size = dist.get_world_size(group)
+    return (group, dist.get_rank(group), size) if size > 1 else (None, 0, 1)
+
+
+def entries(module: torch.nn.Module, global_name: Callable[[str], str | None]) -> list[Entry]:
+    """One entry per parameter of `module` (tied duplicates once), in module order (the same on every
+    rank of a stage, which the collectives below rely on). global_name(local) -> None skips a parameter."""
+    out, seen = [], set()
+    for local, param in module.named_parameters():
+        name = global_name(local)
+        if name is None or id(param) in seen:
+            continue
+        seen.add(id(param))
+        group, rank, size = expert_group_of(param)
+        out.append(Entry(name, param, group, rank, size))
+    return out
+
+
+# ---------------------------------------------------------------------- access to fp32 values and state
+class TorchAccess:
+    """A plain torch optimizer (e.g. AdamW) over the module's own parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.optimizer = optimizer
+
+    def get(self, param, key: str | None) -> torch.Tensor:
+        if key is None:
+            return param.detach().float()
+        state = self.optimizer.state.get(param, {})
+        return state[key].detach().float() if key in state else torch.zeros_like(param, dtype=torch.float32)
+
+    def set(self, param, key: str | None, value: torch.Tensor) -> None:
+        if key is None:
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))
+            return
+        state = self.optimizer.state[param]
+        if key not in state:
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state[key].copy_(value.to(state[key].dtype))
+
+    def inner(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def step_tensors(self) -> Iterator[tuple[dict, torch.Tensor]]:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                yield self.optimizer.state[p], p
+
+    def prepare_load(self) -> None:
+        """Before the first step torch's Adam has no state; create it as its first step would (zeros)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    for key in OPTIMIZER_KEYS:
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class ZeroAccess(TorchAccess):
+    """DeepSpeed ZeRO-1/2 or bf16 optimizer: fp32 masters and Adam moments partitioned over dp."""
+
+    def __init__(self, zero_optimizer) -> None:
+        super().__init__(zero_optimizer.optimizer)
+        self.zero = zero_optimizer
+        if self._states_exist():
+            self._relink()
+
+    def _relink(self) -> None:
+        # DeepSpeed links its per-parameter views of the Adam state right after stepping the FIRST param
+        # group, before the other groups have any state, and never again: parameters of later groups
+        # would report "exp_avg not found". Linking again once every group has state fixes the views.
+        self.zero._hp_optimizer_states_linked = False
+        self.zero._lazy_init_hp_params_optimizer_state()
+
+    def get(self, param, key):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if key is None:
+            return safe_get_full_fp32_param(param).float()
+        if not self._states_exist():
+            # no step taken yet: the moments are zero; keep the collective pattern identical on all ranks
+            return safe_get_full_fp32_param(param).float().zero_()
+        return safe_get_full_optimizer_state(param, key).float()
+
+    def set(self, param, key, value):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        value = value.to(torch.float32)
+        if key is None:
+            safe_set_full_fp32_param(param, value)  # this rank's fp32 master fragment
+            with torch.no_grad():  # and the whole working copy (every rank holds the full tensor)
+                param.copy_(value.to(param.dtype))
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+
+    def _flat_partitions(self):
+        return list(self.zero.single_partition_of_fp32_groups)
+
+    def _states_exist(self) -> bool:
+        return all(len(self.optimizer.state.get(p, {})) > 0 for p in self._flat_partitions())
+
+    def prepare_load(self) -> None:
+        """Before the first step the Adam state does not exist yet; create it (zeros) and link DeepSpeed's
+        per-parameter views to it so safe_set_full_optimizer_state has somewhere to write."""
+        for flat in self._flat_partitions():
+            state = self.optimizer.state[flat]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                for key in OPTIMIZER_KEYS:
+                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        self._relink()
+
+    def step_tensors(self):
+        for flat in self._flat_partitions():
+            yield self.optimizer.state[flat], flat
+
+
+def access_for(optimizer) -> TorchAccess:
+    if optimizer is not None and hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return ZeroAccess(optimizer)
+    if optimizer is not None and hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
+        raise NotImplementedError(f"checkpointing {type(optimizer).__name__} is not supported (use ZeRO stage 1)")
+    return TorchAccess(optimizer)
+
+
+def optimizer_step(access: TorchAccess) -> int:
+    for state, _ in access.step_tensors():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def set_optimizer_step(access: TorchAccess, step: int) -> None:
+    for state, _ in access.step_tensors():
+        if "step" in state:
+            if torch.is_tensor(state["step"]):
+                state["step"].fill_(step)
+            else:
+                state["step"] = step
+
+
+# --------------------------------------------------------------------------------- gather and scatter
+def gather_whole(entry: Entry, access: TorchAccess, key: str | None) -> torch.Tensor:
+    """The whole fp32 tensor (all experts) on every rank of the entry's groups. Collective."""
+    local = access.get(entry.param, key).contiguous()
+    if entry.ep_group is None:
+        return local
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(local) for _ in range(entry.ep_size)]
+    dist.all_gather(parts, local, group=entry.ep_group)
+    return torch.cat(parts, dim=0)
+
+
+def local_rows(entry: Entry, whole_rows: int) -> slice | None:
+    """Rows of the whole tensor this rank holds (None: all of it)."""
+    if entry.ep_group is None:
+        return None
+    per = whole_rows // entry.ep_size
+    return slice(entry.ep_rank * per, (entry.ep_rank + 1) * per)

@@ -1,0 +1,164 @@
+"""Checkpoints in real training runs (train/pretrain.py, torchrun on CPU): exact resume, pp=1 <-> pp=3 x ep=2,
+a stop signal, kill -9 under `torchrun --max-restarts`, export of a pipeline checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from jetmoe.training.checkpoint import list_checkpoints, read_latest, verify
+from tests.helpers.ckpt_run import command, env, metrics, pretrain, workers
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """An uninterrupted pp=1 run, checkpoints every 2 steps, all kept."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    pretrain(run_dir, f"train.max_steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=0", cache_dir=cache)
+    rows = metrics(run_dir)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    return run_dir, rows
+
+
+def _ckpt(run_dir, step):
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def _assert_losses(rows, ref, steps, exact):
+    for s in steps:
+        for key in ("lm_loss", "loss"):
+            if exact:
+                assert rows[s][key] == ref[s][key], (s, key, rows[s][key], ref[s][key])
+            else:
+                assert math.isclose(rows[s][key], ref[s][key], rel_tol=2e-5), (s, key, rows[s][key], ref[s][key])
+
+
+def test_resume_same_layout_is_exact_and_auto_skips_a_damaged_checkpoint(reference, tmp_path, cache):
+    ref_dir, ref = reference
+    for step in (4, 6):
+        shutil.copytree(_ckpt(ref_dir, step), _ckpt(tmp_path, step))
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000006\n")
+    damaged = _ckpt(tmp_path, 6) / "model-pp00.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    run = pretrain(tmp_path, f"train.max_steps={STEPS}", cache_dir=cache)  # checkpoint.resume=auto by default
+    assert "step_00000006 is damaged" in run.stdout and "model-pp00.safetensors" in run.stdout
+    assert "falling back to step_00000004" in run.stdout
+    rows = metrics(tmp_path)
+    assert sorted(rows) == list(range(5, STEPS + 1))
+    _assert_losses(rows, ref, range(5, STEPS + 1), exact=True)
+
+
+def test_pp1_to_pp3_ep2_and_back(reference, tmp_path, cache):
+    transformers = pytest.importorskip("transformers")
+    ref_dir, ref = reference
+    pp3 = tmp_path / "pp3"
+    pretrain(pp3, f"train.max_steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=0", "parallel.pp=3",
+             "parallel.ep=2", f"checkpoint.resume={_ckpt(ref_dir, 2)}", nproc=6, cache_dir=cache)
+    rows3 = metrics(pp3)
+    assert sorted(rows3) == list(range(3, STEPS + 1))
+    _assert_losses(rows3, ref, range(3, STEPS + 1), exact=False)
+    folder = _ckpt(pp3, 4)
+    assert sorted(p.name for p in folder.glob("model-*.safetensors")) == [f"model-pp0{i}.safetensors" for i in range(3)]
+    assert json.loads((folder / "trainer_state.json").read_text())["layout"] == {"world": 6, "pp": 3, "dp": 2, "ep": 2}
+
+    back = tmp_path / "pp1"
+    pretrain(back, f"train.max_steps={STEPS}", f"checkpoint.resume={folder}", cache_dir=cache)
+    rows1 = metrics(back)
+    _assert_losses(rows1, ref, range(5, STEPS + 1), exact=False)
+
+    # the pipeline checkpoint exports to a transformers directory with the training model's logits
+    from jetmoe.model import JetMoEForCausalLM
+    from jetmoe.training.checkpoint.export import export_hf
+
+    out = export_hf(folder, tmp_path / "hf", dtype="fp32", log=lambda s: None)
+    ours = JetMoEForCausalLM.from_pretrained(folder).eval()
+    hf = transformers.JetMoeForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _wait_for_step(run_dir, step, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if max(metrics(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run ended before step {step}: {out[-2000:]} {err[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no step {step} within {timeout}s")
+
+
+def test_sigusr1_on_one_rank_stops_all_saves_and_exits_0(reference, tmp_path, cache):
+    _, ref = reference
+    proc = subprocess.Popen(command(tmp_path, f"train.max_steps={STEPS}", "parallel.pp=2", nproc=2),
+                            env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path, 1, proc)
+    ranks = workers(proc.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGUSR1)  # only the last stage is told; rank 0 must stop too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    stopped = max(metrics(tmp_path))
+    assert stopped < STEPS and f"SIGUSR1 received; stopping after step {stopped}" in out
+    assert read_latest(tmp_path / "checkpoints") == f"step_{stopped:08d}"
+    assert verify(_ckpt(tmp_path, stopped)) == []
+
+    pretrain(tmp_path, f"train.max_steps={STEPS}", cache_dir=cache)  # resumes (auto) on one process, pp=1
+    rows = metrics(tmp_path)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    _assert_losses(rows, ref, range(1, STEPS + 1), exact=False)
+
+
+def test_kill9_under_torchrun_restarts_and_resumes(reference, tmp_path, cache):
+    _, ref = reference
+    proc = subprocess.Popen(command(tmp_path, f"train.max_steps={STEPS}", "parallel.pp=2", "checkpoint.every=2",
+                                    nproc=2, max_restarts=1),
+                            env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path, 3, proc)
+    victim = workers(proc.pid)[1]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "checkpoint: resumed from" in out
+    rows = metrics(tmp_path)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    _assert_losses(rows, ref, range(1, STEPS + 1), exact=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [f"step_{STEPS:08d}", f"step_{STEPS - 2:08d}"]
+
+
+def test_init_from_transformers_directory(reference, tmp_path, cache):
+    from safetensors.torch import load_file
+
+    from jetmoe.training.checkpoint.export import export_hf
+
+    ref_dir, ref = reference
+    hf = export_hf(_ckpt(ref_dir, STEPS), tmp_path / "hf", dtype="fp32", log=lambda s: None)
+    run = tmp_path / "run"
+    # lr 0: the first step leaves the weights as loaded, so the step-1 checkpoint must equal the directory
+    out = pretrain(run, "train.max_steps=1", "train.lr=0", "checkpoint.every=1", f"model.init_from={hf}",
+                   cache_dir=cache)
+    assert f"initialised weights from {hf}" in out.stdout
+    loaded = load_file(_ckpt(run, 1) / "model-pp00.safetensors")
+    source = {k: v for f in hf.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert loaded.keys() == source.keys()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+    assert metrics(run)[1]["lm_loss"] < ref[1]["lm_loss"]
