@@ -1,0 +1,96 @@
+"""Where parameters live: blocks per pipeline stage and parameters held by one rank of a stage."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from jetmoe.errors import JetMoEError
+from jetmoe.plan.params import ModelShape, ParamCounts
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    pp: int
+    ep: int
+    ep_attention: bool  # MoA experts sharded over ep too (else only MoE experts are)
+    gpus_per_node: int
+    partition: Any = "uniform"  # uniform | parameters | [blocks on stage 0, ...] (parallel.partition)
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.pp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts of a stage: the group that reduces (and ZeRO-shards) expert state."""
+        return self.dp // self.ep
+
+
+def check_layout(gpus: int, pp: int, ep: int, num_layers: int, num_experts: int) -> None:
+    if gpus < 1 or pp < 1 or ep < 1:
+        raise JetMoEError(f"cluster.gpus={gpus}, parallel.pp={pp}, parallel.ep={ep} must all be >= 1")
+    if gpus % pp:
+        raise JetMoEError(f"cluster.gpus={gpus} is not divisible by parallel.pp={pp}; pick gpus = pp x dp")
+    dp = gpus // pp
+    if dp % ep:
+        raise JetMoEError(f"parallel.ep={ep} must divide dp={dp} (= gpus / pp); pick ep among the divisors of dp")
+    if num_experts % ep:
+        raise JetMoEError(f"parallel.ep={ep} must divide num_local_experts={num_experts}")
+    if pp > num_layers:
+        raise JetMoEError(f"parallel.pp={pp} exceeds num_hidden_layers={num_layers}; use pp <= {num_layers}")
+
+
+def blocks_per_stage(num_layers: int, pp: int, partition: Any = "uniform", block: int = 1, first: int = 0,
+                     last: int = 0) -> list[int]:
+    """Blocks on each stage, split exactly as the trainer splits them (jetmoe.parallel.topology); for
+    `parameters` the embedding weighs on the first block and the norm/head on the last."""
+    from jetmoe.parallel.topology import split_blocks  # pure Python, no torch
+
+    weights = [block] * num_layers
+    weights[0] += first
+    weights[-1] += last
+    return split_blocks(num_layers, pp, partition, weights)
+
+
+@dataclass(frozen=True)
+class StageParams:
+    stage: int
+    blocks: int
+    dense: int  # held whole by every rank of the stage
+    expert_per_rank: int  # this rank's experts (1/ep of the sharded ones)
+    expert_total: int  # all experts of the stage
+
+    @property
+    def per_rank(self) -> int:
+        return self.dense + self.expert_per_rank
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert_total
+
+
+def stage_params(shape: ModelShape, counts: ParamCounts, layout: Layout) -> list[StageParams]:
+    """Parameters per stage. With pp > 1 and tied embeddings the last stage keeps its own copy of the
+    embedding for the head (DeepSpeed's tied layers), so the tied weight is held twice."""
+    out = []
+    b = counts.block
+    sharded = b.expert if layout.ep_attention else b.expert - b.expert_attention
+    unsharded = b.expert - sharded
+    last_extra = counts.final_norm + (counts.head if not shape.tied else (counts.embedding if layout.pp > 1 else 0))
+    blocks = blocks_per_stage(shape.num_layers, layout.pp, layout.partition, b.total, counts.embedding, last_extra)
+    for s, n in enumerate(blocks):
+        dense = n * b.dense
+        if s == 0:
+            dense += counts.embedding
+        if s == layout.pp - 1:
+            dense += last_extra
+        out.append(
+            StageParams(
+                stage=s,
+                blocks=n,
+                dense=dense,
+                expert_per_rank=n * (sharded // layout.ep + unsharded),
+                expert_total=n * b.expert,
+            )
+        )
+    return out
