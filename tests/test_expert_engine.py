@@ -7,6 +7,10 @@ from helpers.expert_engine import run
 from helpers.expert_spawn import spawn
 
 STEPS = 3
+LR = 3e-3  # helpers/expert_engine.py
+# Where a gradient is close to zero, Adam's update g / (sqrt(v) + eps) magnifies round-off in g: the same
+# update order of a different reduction can move such a weight by ~1e-3 of an lr step. Allow that much.
+PARAM_ATOL = 1e-3 * LR * STEPS
 
 
 def _train(tmp_path, world, ep, wiring="expert"):
@@ -27,12 +31,12 @@ def test_expert_parallel_zero1_matches_one_process_and_wrong_group_fails(tmp_pat
     assert ep["has_moe"] and not reference["has_moe"]
     # columns: loss, balance, z per step
     torch.testing.assert_close(ep["losses"], reference["losses"], rtol=1e-4, atol=0)
-    torch.testing.assert_close(ep["params"], reference["params"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ep["params"], reference["params"], rtol=1e-4, atol=PARAM_ATOL)
     # dp=4, ep=2: each expert-data group has two ranks, so ZeRO-1 both partitions the expert
     # optimizer state and reduces expert gradients over it.
     ep = _train(tmp_path, 4, 2)
     torch.testing.assert_close(ep["losses"], reference["losses"], rtol=1e-4, atol=0)
-    torch.testing.assert_close(ep["params"], reference["params"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ep["params"], reference["params"], rtol=1e-4, atol=PARAM_ATOL)
 
     # Expert slices treated as dense parameters (reduced and broadcast over the whole dp group):
     # rank 1's experts 2,3 get mixed with rank 0's experts 0,1. The parity check must see it.
