@@ -1,7 +1,6 @@
 """Trainer pieces that need no engine: config tree, LR schedules, batch arithmetic, layout checks."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -56,7 +56,7 @@ def write_token_cache(ds, tokenizer: TextTokenizer, out_dir: Path, description: 
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     eos = np.array([tokenizer.eos_token_id], dtype=dtype)
     start = time.perf_counter()
-    num_tokens = num_docs = num_chars = 0
+    num_tokens = num_docs = 0
     with open(out_dir / TOKENS_FILE, "wb") as f:
         for docs in _token_batches(ds, tokenizer, num_proc):
             chunk = [np.concatenate([np.asarray(d, dtype=dtype), eos]) for d in docs if len(d)]

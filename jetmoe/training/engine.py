@@ -62,11 +62,10 @@ def init_distributed(cfg: DictConfig) -> tuple[int, int]:
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        # ---- ckpt helper (marked edit): a group restarted by torchrun --max-restarts needs fresh store keys
+        # After a torchrun --max-restarts restart the group needs fresh store keys; deepspeed then reuses it.
         from jetmoe.training.checkpoint.restart import init_process_group_for_restart
 
         init_process_group_for_restart("nccl" if cuda else "gloo", timedelta(seconds=cfg.parallel.timeout_s))
-        # ---- end ckpt helper edit
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=timedelta(seconds=cfg.parallel.timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -206,7 +205,6 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout) -> EngineParts:
     initialize = deepspeed.initialize
 
     if layout.ep > 1:
-        # ---- EXPERT-PARALLEL HOOK (jetmoe/parallel/expert.py, owned by the expert helper) ----------------
         # Runs after the full expert weights are initialised (so every layout starts from the same
         # weights) and before the optimizer sees any parameter.
         from jetmoe.parallel import expert

@@ -1,16 +1,14 @@
 """The training loop: one `train_batch` of the PipelineEngine per optimizer step, then the tracker's
 router losses reduced over pp and dp, then one metrics row from global rank 0.
 
-Hooks for checkpoints (jetmoe/training/checkpoint*, the ckpt helper): if that module exists and
-defines `CheckpointManager(trainer)`, the trainer calls `.resume() -> int` (steps already done) once
+Checkpoints (jetmoe.training.checkpoint.CheckpointManager): `.resume() -> int` (steps already done) once
 before the loop, `.after_step(step)` at each step boundary (`step` = optimizer steps done, the data
-loader already advanced past them), `.should_stop() -> bool` after it, and `.finish(step)` at the end.
+loader already advanced past them), `.should_stop() -> bool` after it (a stop signal arrived), and
+`.finish(step)` at the end.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from jetmoe.errors import JetMoEError
+from jetmoe.training.checkpoint import CheckpointManager
 from jetmoe.training.config import data_config, model_config
 from jetmoe.training.engine import (EngineParts, build_engine, grad_accumulation, init_distributed, layout_for,
                                    precision, use_cuda)
@@ -40,7 +39,6 @@ class Trainer:
         self.skipped_total = 0
         self.skipped_in_a_row = 0
         self.tokens = 0
-        self.checkpoint = None
 
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
@@ -71,10 +69,7 @@ class Trainer:
         self.metrics.print(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                            f"| micro-batches per step {self.parts.grad_accumulation} | precision {precision(cfg)} "
                            f"| run dir {self.run_dir}")
-        if importlib.util.find_spec("jetmoe.training.checkpoint") is not None:
-            module = importlib.import_module("jetmoe.training.checkpoint")
-            if hasattr(module, "CheckpointManager"):
-                self.checkpoint = module.CheckpointManager(self)
+        self.checkpoint = CheckpointManager(self)
         return self
 
     def _build_data(self):
@@ -92,9 +87,8 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg = self.cfg
         rows = []
-        if self.checkpoint is not None:
-            self.step = int(self.checkpoint.resume())
-            self.tokens = self.step * self.tokens_per_step
+        self.step = self.checkpoint.resume()
+        self.tokens = self.step * self.tokens_per_step
         self.metrics.set_start(self.step)
         stop = False
         while self.step < cfg.train.max_steps and not stop:
@@ -107,11 +101,9 @@ class Trainer:
                 raise JetMoEError(
                     f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
                     f"{self.step}); lower train.lr or check the data. The last checkpoint is untouched")
-            if self.checkpoint is not None:
-                self.checkpoint.after_step(self.step)
-                stop = bool(self.checkpoint.should_stop())
-        if self.checkpoint is not None and hasattr(self.checkpoint, "finish"):
-            self.checkpoint.finish(self.step)
+            self.checkpoint.after_step(self.step)
+            stop = self.checkpoint.should_stop()
+        self.checkpoint.finish(self.step)
         return rows
 
     def train_step(self) -> dict:

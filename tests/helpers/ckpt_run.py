@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers.launch_util import free_port, metrics  # noqa: F401  (metrics: re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32", "train.eval_every=0",
@@ -15,18 +15,12 @@ FAST = ["train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=3
         "model.num_hidden_layers=3", "parallel.timeout_s=120", "optim.warmup_steps=2"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(run_dir: Path, *overrides: str, nproc: int = 1, max_restarts: int | None = None) -> list[str]:
     script = [str(ROOT / "train/pretrain.py"), f"hydra.run.dir={run_dir}", *FAST, *overrides]
     if nproc == 1 and max_restarts is None:
         return [sys.executable, *script]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-addr", "127.0.0.1", "--master-port", str(_port())]
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     if max_restarts is not None:
         launcher += ["--max-restarts", str(max_restarts), "--monitor-interval", "0.2"]
     return launcher + script
@@ -41,18 +35,6 @@ def pretrain(run_dir: Path, *overrides: str, cache_dir: Path, nproc: int = 1, ti
                          text=True, timeout=timeout, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> row; after a restart a step may appear twice: the last row wins."""
-    rows = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["step"]] = row
-    return rows
 
 
 def workers(launcher_pid: int) -> dict[int, int]:

@@ -10,7 +10,6 @@ import os
 import socket
 
 import torch
-import torch.distributed as dist
 
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, causal_lm_loss, shift_labels
 from jetmoe.parallel.pipeline import StageContext, build_pipeline
