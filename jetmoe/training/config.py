@@ -71,7 +71,7 @@ DataSection = _data_schema()
 
 @dataclass
 class TrainSection:
-    max_steps: int = 300
+    max_steps: int = 200
     global_batch_size: int = 16  # samples per optimizer step, all data-parallel ranks together
     micro_batch_size: int = 4  # samples per forward pass on one rank
     seed: int = 1234  # fixes the initial weights and the samples of every step
