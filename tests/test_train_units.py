@@ -195,16 +195,21 @@ def test_parameter_count_behind_mfu_matches_the_model(preset):
     import torch
 
     from jetmoe.model import JetMoEForCausalLM
-    from jetmoe.training.metrics import active_params
+    from jetmoe.plan.params import count_params
+    from jetmoe.training.metrics import flops_per_token
 
     config = JetMoEConfig.preset(preset)
     with torch.device("meta"):
         model = JetMoEForCausalLM(config)
-    total, active = active_params(config)
+    counts = count_params(config)
+    total, active = counts.total, counts.active
     assert total == sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n)
     k_over_e = config.num_experts_per_tok / config.num_local_experts
     assert active == total - expert + expert * k_over_e
+    seq = 128
+    attention = 12 * config.num_hidden_layers * seq * config.num_key_value_heads * config.kv_channels * config.num_experts_per_tok
+    assert flops_per_token(config, seq) == 6 * (active - counts.head) + attention
 
 
 def test_resumed_metrics_drop_rows_after_the_resumed_step(tmp_path):

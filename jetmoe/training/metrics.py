@@ -1,7 +1,8 @@
 """Per-step metrics on global rank 0: metrics.jsonl (flushed each step), wandb, console and progress bar.
 
-Throughput accounting: FLOPs per token = 6 x active parameters + 12 x layers x attention width x seq_len
-(forward + backward, attention scores and values, PaLM's convention); MFU = achieved / peak per device.
+Throughput accounting: FLOPs per token = 6 x active matmul parameters + 12 x layers x attention width x
+seq_len (forward + backward, attention scores and values, PaLM's convention; the planner's count);
+MFU = achieved / peak per device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from jetmoe.errors import JetMoEError
+from jetmoe.plan.params import ModelShape, count_params
+from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
 
 PEAK_TFLOPS_BF16 = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
@@ -25,29 +28,11 @@ REQUIRED_KEYS = ("step", "lm_loss", "aux_loss", "balance_loss", "z_loss", "loss"
                  "tokens_per_sec")
 
 
-def active_params(config) -> tuple[int, int]:
-    """(total, active per token) parameter counts, counted analytically from the config."""
-    D, E, k = config.hidden_size, config.num_local_experts, config.num_experts_per_tok
-    attn_width = config.num_key_value_heads * config.kv_channels
-    moa_experts = E * (attn_width * D + D * attn_width)  # per-expert query and output projections
-    moa_dense = D * 2 * attn_width + D * E + D  # shared KV projection, router, output bias
-    moe_experts = E * (D * 2 * config.intermediate_size + config.intermediate_size * D)
-    moe_dense = D * E + D
-    norms = 2 * D
-    block_total = moa_experts + moa_dense + moe_experts + moe_dense + norms
-    block_active = (moa_experts + moe_experts) * k // E + moa_dense + moe_dense + norms
-    embed = config.vocab_size * D
-    head = 0 if config.tie_word_embeddings else embed
-    L = config.num_hidden_layers
-    total = L * block_total + embed + head + D
-    active = L * block_active + embed + head + D
-    return total, active
-
-
 def flops_per_token(config, seq_len: int) -> float:
-    _, active = active_params(config)
-    attn_width = config.num_key_value_heads * config.kv_channels * config.num_experts_per_tok
-    return 6.0 * active + 12.0 * config.num_hidden_layers * attn_width * seq_len
+    """Training FLOPs per token, counted as the planner counts them (jetmoe.plan.throughput)."""
+    shape = ModelShape.from_config(config)
+    dense, attention = plan_flops_per_token(shape, count_params(shape), seq_len)
+    return float(dense + attention)
 
 
 def peak_tflops(cfg: DictConfig, cuda: bool, bf16: bool) -> float | None:
