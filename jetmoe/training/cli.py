@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -128,8 +129,6 @@ def main() -> None:
         from omegaconf import OmegaConf
 
         from jetmoe.training.trainer import run
-
-        import logging
 
         logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op-builder gcc chatter
         try:
