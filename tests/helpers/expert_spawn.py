@@ -22,6 +22,8 @@ def _entry(rank, world, port, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # Leave together: a rank tearing its groups down while a peer still uses them can abort in gloo.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
