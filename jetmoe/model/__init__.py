@@ -13,6 +13,7 @@ from jetmoe.model.model import (
     attach_aux_loss,
     causal_lm_loss,
     checkpointed,
+    init_like_transformers,
     iter_router_losses,
     iter_sparse_layers,
     shift_labels,
@@ -22,6 +23,6 @@ from jetmoe.model.model import (
 __all__ = [
     "PRESETS", "JetMoEConfig", "GroupedExperts", "LocalDispatcher", "LocalPlan", "grouped_linear", "MoA", "MoE",
     "SparseLayer", "RouterLoss", "TopKRouter", "router_loss", "JetMoEBlock", "JetMoEForCausalLM", "JetMoEModel",
-    "JetMoEOutput", "attach_aux_loss", "causal_lm_loss", "checkpointed", "iter_router_losses",
+    "JetMoEOutput", "attach_aux_loss", "causal_lm_loss", "checkpointed", "init_like_transformers", "iter_router_losses",
     "iter_sparse_layers", "shift_labels", "sum_router_losses",
 ]

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -133,6 +133,25 @@ def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, grad_scale: float =
     return _AttachAuxLoss.apply(hidden, aux, grad_scale)
 
 
+@torch.no_grad()
+def init_like_transformers(module: nn.Module, std: float,
+                           draw_matrix: Callable[[nn.Module], None] | None = None) -> None:
+    """transformers' initialisation of every submodule: N(0, std) for matrices, ones for norms, zeros for
+    biases. `draw_matrix(sub)` fills a matrix's weight; by default it draws from torch's global generator."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding, GroupedExperts)):
+            if draw_matrix is None:
+                sub.weight.normal_(0.0, std)
+            else:
+                draw_matrix(sub)
+        if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
+            sub.weight[sub.padding_idx].zero_()
+        if isinstance(sub, RMSNorm):
+            sub.weight.fill_(1.0)
+        if isinstance(sub, SparseLayer):
+            sub.bias.zero_()
+
+
 class JetMoEForCausalLM(nn.Module):
     def __init__(self, config: JetMoEConfig):
         super().__init__()
@@ -148,17 +167,7 @@ class JetMoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """transformers' initialisation: N(0, initializer_range) for matrices, ones for norms, zeros for biases."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, GroupedExperts)):
-                module.weight.normal_(0.0, std)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            if isinstance(module, SparseLayer):
-                module.bias.zero_()
+        init_like_transformers(self, self.config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> JetMoEOutput:

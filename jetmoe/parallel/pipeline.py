@@ -22,14 +22,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from jetmoe.model import (
-    GroupedExperts,
     JetMoEBlock,
     JetMoEConfig,
-    SparseLayer,
     attach_aux_loss,
     causal_lm_loss,
     checkpointed,
+    init_like_transformers,
     iter_router_losses,
+    iter_sparse_layers,
 )
 from jetmoe.model.layers import RMSNorm
 from jetmoe.training.router_stats import RouterTracker
@@ -93,7 +93,7 @@ class BlockPipe(nn.Module):
 
     def forward(self, inputs):
         hidden, position_ids = inputs
-        for _, layer in _sparse_layers(self.block):
+        for _, layer in iter_sparse_layers(self.block):
             layer.router_loss = None
         if self.ctx.checkpointing and self.training and torch.is_grad_enabled():
             hidden = checkpointed(self.block, hidden, position_ids)
@@ -107,12 +107,6 @@ class BlockPipe(nn.Module):
             for name, loss in losses:
                 self.tracker.record(self.layer_idx, router_kind(name), loss)
         return hidden, position_ids
-
-
-def _sparse_layers(module: nn.Module):
-    for name, sub in module.named_modules():
-        if isinstance(sub, SparseLayer):
-            yield name, sub
 
 
 def router_kind(layer_name: str) -> int:
@@ -215,18 +209,13 @@ def init_parameters(module: nn.Module, global_names: dict[str, str], config: Jet
     """transformers' scheme (N(0, initializer_range) matrices, ones for norms, zeros for biases), each
     tensor drawn from a generator seeded by (seed, its global name): identical for any pipeline split."""
     std = config.initializer_range
-    params = dict(module.named_parameters())
-    by_id = {id(p): global_names[n] for n, p in params.items()}
-    for _, sub in module.named_modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding, GroupedExperts)):
-            gen = torch.Generator().manual_seed(_name_seed(seed, by_id[id(sub.weight)]))
-            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * std)
-            if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
-                sub.weight[sub.padding_idx].zero_()
-        if isinstance(sub, RMSNorm):
-            sub.weight.fill_(1.0)
-        if isinstance(sub, SparseLayer):
-            sub.bias.zero_()
+    by_id = {id(p): global_names[n] for n, p in module.named_parameters()}
+
+    def draw_matrix(sub: nn.Module) -> None:
+        gen = torch.Generator().manual_seed(_name_seed(seed, by_id[id(sub.weight)]))
+        sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * std)
+
+    init_like_transformers(module, std, draw_matrix)
 
 
 def _name_seed(seed: int, name: str) -> int:

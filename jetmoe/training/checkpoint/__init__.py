@@ -18,6 +18,6 @@ from jetmoe.training.checkpoint.store import (
 )
 
 __all__ = [
-    "CheckpointManager",    "Place", "TrainingState", "read_into", "save", "CheckpointReader", "CheckpointWriter", "LocalComm",
+    "CheckpointManager", "Place", "TrainingState", "read_into", "save", "CheckpointReader", "CheckpointWriter", "LocalComm",
     "list_checkpoints", "prune", "read_latest", "resolve", "verify",
 ]
