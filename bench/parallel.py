@@ -84,7 +84,7 @@ class RoutedSlots:
 
     def _hook(self, kind, mine):
         def hook(layer, args, out):
-            counts = layer.router_loss.tokens_per_expert
+            counts = out[1].tokens_per_expert  # a sparse layer returns (output, its RouterLoss)
             self.slots[kind] += int(counts.sum())
             self.remote[kind] += int(counts.sum() - counts[mine].sum())
 
@@ -118,7 +118,6 @@ def main(argv: list[str]) -> None:
     from jetmoe.model import iter_sparse_layers
     from jetmoe.parallel.expert_dispatch import AllToAllDispatcher
     from jetmoe.training.cli import CONFIG_DIR, register
-    from jetmoe.training.engine import init_distributed
     from jetmoe.training.trainer import Trainer
 
     register()
@@ -129,8 +128,7 @@ def main(argv: list[str]) -> None:
             *TINY, f"parallel.pp={args.pp}", f"parallel.ep={args.ep}", "train.micro_batch_size=1",
             f"train.global_batch_size={args.micro_batches * dp}", f"train.max_steps={args.steps + 1}",
             *overrides])
-    init_distributed(cfg)
-    out = Path("/tmp") / f"jetmoe_bench_parallel_{dist.get_world_size()}"
+    out = Path("/tmp") / f"jetmoe_bench_parallel_{world}"
     trainer = Trainer(cfg, out).setup()
     engine, layout, mc = trainer.engine, trainer.layout, trainer.model_config
     counters = {id(layer.dispatcher.counter): layer.dispatcher.counter

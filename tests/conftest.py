@@ -1,4 +1,10 @@
 import os
+import sys
+from pathlib import Path
+
+# Tests import their shared helpers one way, `from helpers.<module> import ...` (tests/helpers/; the
+# modules there are also run as scripts by the multi-process tests).
+sys.path.insert(0, str(Path(__file__).parent))
 
 # Tests never touch the network: a stray hub call would otherwise wait for a timeout.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

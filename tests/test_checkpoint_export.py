@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from jetmoe.errors import JetMoEError
-from jetmoe.training.checkpoint import Place, TrainingState, save
+from jetmoe.training.checkpoint import TrainingState, save
 from jetmoe.training.checkpoint.export import export_hf
-from tests.helpers.ckpt_tiny import make_run, tiny_config, train_steps
+from helpers.ckpt_tiny import make_run, tiny_config, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     model, opt, sched, loader = make_run(tiny_config())
     train_steps(model, opt, sched, loader, 2)
-    folder = save(root, 2, model, opt, TrainingState(step=2, scheduler=sched, loader=loader), Place(),
+    folder = save(root, 2, model, opt, TrainingState(step=2, scheduler=sched, loader=loader),
                   model_config=model.config)
     return model.eval(), folder
 

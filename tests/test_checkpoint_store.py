@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from jetmoe.errors import JetMoEError
-from jetmoe.training.checkpoint import Place, TrainingState, read_into, read_latest, resolve, save, store, verify
-from tests.helpers.ckpt_tiny import make_run, tiny_config, train_steps
+from jetmoe.training.checkpoint import TrainingState, folders, read_into, read_latest, resolve, save, store, verify
+from helpers.ckpt_tiny import make_run, tiny_config, train_steps
 
 
 def _save(root, step, model, opt, sched, loader, keep=0, config=None, **kw):
     state = TrainingState(step=step, scheduler=sched, loader=loader, config={"note": "resolved config"})
-    return save(root, step, model, opt, state, Place(), model_config=config or model.config, keep=keep, **kw)
+    return save(root, step, model, opt, state, model_config=config or model.config, keep=keep, **kw)
 
 
 def _trained(tmp_path, steps=2, keep=0):
@@ -43,7 +43,7 @@ def test_resumed_losses_equal_uninterrupted_run(tmp_path):
     loader.seed = 0
     folder = resolve("auto", tmp_path)
     state = TrainingState(scheduler=sched, loader=loader)
-    read_into(folder, model, opt, state, Place())
+    read_into(folder, model, opt, state)
     assert state.step == 3
     assert first + train_steps(model, opt, sched, loader, 3) == full
 
@@ -56,7 +56,7 @@ def test_folder_layout_manifest_and_pointer(tmp_path):
     assert set(manifest["files"]) == on_disk
     for name, meta in manifest["files"].items():
         assert (folder / name).stat().st_size == meta["size"]
-        assert store.sha256_file(folder / name) == meta["sha256"]
+        assert folders.sha256_file(folder / name) == meta["sha256"]
     assert {"config.json", "model.safetensors.index.json", "trainer_state.json",
             "optimizer/exp_avg-pp00.safetensors", "optimizer/exp_avg_sq-pp00.safetensors"} <= on_disk
     assert verify(folder) == []

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jetmoe.training.checkpoint import list_checkpoints, read_latest, verify
-from tests.helpers.ckpt_run import command, env, metrics, pretrain, workers
+from helpers.ckpt_run import command, env, metrics, pretrain, workers
 
 pytestmark = pytest.mark.slow
 STEPS = 8

@@ -143,9 +143,9 @@ def test_resume_refuses_a_different_seed_or_dataset():
 
 
 def test_batch_that_does_not_divide_is_a_clear_error():
-    with pytest.raises(JetMoEError, match="not divisible"):
+    with pytest.raises(JetMoEError, match="not a multiple"):
         RankLoader(packed(20), 6, 4, 0, 1, seed=0)
-    with pytest.raises(JetMoEError, match="not divisible"):
+    with pytest.raises(JetMoEError, match="not a multiple"):
         RankLoader(packed(20), 8, 2, 0, 3, seed=0)
 
 

@@ -3,13 +3,14 @@ and pp=3 ep=2 (6 ranks) give the same per-step losses, the same logged per-layer
 same parameters as one process with the same global batch, micro-batch and seed."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers.launch_util import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "helpers" / "expert_e2e.py"
@@ -23,18 +24,12 @@ OVERRIDES = [
 LOSSES = ("lm_loss", "aux_loss", "balance_loss", "z_loss")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(tmp_path, world, overrides=()):
     out = tmp_path / f"world{world}_{'_'.join(o.replace('=', '') for o in overrides)}"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", str(DRIVER), str(out), *OVERRIDES, *overrides]
+           f"--master_port={free_port()}", str(DRIVER), str(out), *OVERRIDES, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = [torch.load(out / f"rank{r}.pt") for r in range(world)]

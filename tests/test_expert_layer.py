@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from helpers.expert_spawn import spawn
-from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, iter_router_losses
+from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
 from jetmoe.parallel.expert import apply_expert_parallel, reduce_tokens_per_expert
 
 B, T = 2, 12
@@ -35,7 +35,7 @@ def _worker(rank, world, include_attention):
     ids, labels = _batch(rank)
     out = model(ids, labels=labels)
     out.loss.backward()
-    counts = reduce_tokens_per_expert(model)
+    counts = reduce_tokens_per_expert(out.router_losses)
 
     e_local = 4 // world
     lo = rank * e_local
@@ -47,7 +47,7 @@ def _worker(rank, world, include_attention):
         ref_out = reference(ids_r, labels=labels_r)
         ref_out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in reference.named_parameters()})
-        for name, loss in iter_router_losses(reference):
+        for name, loss in ref_out.router_losses.items():
             ref_counts[name] = ref_counts.get(name, 0) + loss.tokens_per_expert
         if r == rank:
             for key in ("logits", "lm_loss", "balance_loss", "z_loss", "aux_loss", "loss"):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-from launch_util import ROOT, TINY_RUN, free_port, metrics  # noqa: E402
+from helpers.launch_util import ROOT, TINY_RUN, free_port, metrics  # noqa: E402
 
 
 def launch_env(**extra) -> dict:

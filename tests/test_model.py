@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from jetmoe.model import JetMoEForCausalLM, attach_aux_loss, iter_router_losses
-from tests.helpers.model_hf import hf_twin, one_thread, tiny_config  # noqa: F401 (fixture)
+from jetmoe.model import JetMoEForCausalLM, attach_aux_loss
+from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from helpers.model_hf import hf_twin, one_thread, tiny_config  # noqa: F401 (fixture)
 
 CONFIGS = {
     "base": {},
@@ -71,7 +72,7 @@ def test_loss_composition_and_router_losses_present():
     ids = torch.randint(0, config.vocab_size, (2, 11))
     model = JetMoEForCausalLM(config)
     out = model(ids, labels=ids)
-    losses = dict(iter_router_losses(model))
+    losses = out.router_losses
     assert len(losses) == 2 * config.num_hidden_layers
     assert sorted(losses) == sorted(
         [f"model.layers.{i}.self_attention" for i in range(2)] + [f"model.layers.{i}.mlp" for i in range(2)])
@@ -99,7 +100,7 @@ def test_activation_checkpointing_gives_same_loss_and_grads():
     model = JetMoEForCausalLM(config)
     plain = model(ids, labels=ids)
     g_plain = grads_of(model, plain.loss)
-    model.config.gradient_checkpointing = True
+    apply_activation_checkpointing(model.model.layers)
     ckpt = model(ids, labels=ids)
     g_ckpt = grads_of(model, ckpt.loss)
     torch.testing.assert_close(ckpt.loss, plain.loss, rtol=0, atol=0)
@@ -116,8 +117,8 @@ def test_attach_aux_loss_trains_router_losses_through_hidden_states():
 
     hidden = model.model.embed_tokens(ids)
     for block in model.model.layers:
-        hidden = block(hidden)
-        aux = sum(config.aux_loss_coef * l.balance + config.z_loss_coef * l.z for _, l in iter_router_losses(block))
+        hidden, losses = block(hidden)
+        aux = sum(config.aux_loss_coef * l.balance + config.z_loss_coef * l.z for l in losses)
         hidden = attach_aux_loss(hidden, aux)
     logits = model.lm_head(model.model.norm(hidden))
     from jetmoe.model import causal_lm_loss, shift_labels

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
-from trainer_small import SMALL  # noqa: E402
+from helpers.trainer_small import SMALL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = str(REPO / "tests/helpers/trainer_run.py")

@@ -5,6 +5,7 @@ import torch
 
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
 from jetmoe.model.model import JetMoEBlock
+from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.plan.memory import block_activation_bytes, checkpointed_block_bytes, head_activation_bytes
 from jetmoe.plan.params import ModelShape
 
@@ -65,7 +66,8 @@ def test_whole_model_and_checkpointing():
         shape, batch, seq, 4)
     assert want == pytest.approx(got, rel=0.02)
 
-    ckpt = JetMoEForCausalLM(JetMoEConfig.preset("jetmoe_tiny", gradient_checkpointing=True))
+    ckpt = JetMoEForCausalLM(JetMoEConfig.preset("jetmoe_tiny"))
+    apply_activation_checkpointing(ckpt.model.layers)
     got_ckpt = saved_bytes(lambda: ckpt(ids, labels=ids), list(ckpt.parameters()))
     want_ckpt = cfg.num_hidden_layers * checkpointed_block_bytes(shape, batch, seq, 4) + head_activation_bytes(
         shape, batch, seq, 4)

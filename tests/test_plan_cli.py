@@ -82,7 +82,7 @@ def test_memory_warning_when_a_layout_does_not_fit(capsys):
 @pytest.mark.parametrize("overrides,message", [
     (["cluster.gpus=10", "parallel.pp=3"], "not divisible by parallel.pp=3"),
     (["+experiment=jetmoe_8b_96xh100", "cluster.gpu=tpu"], "unknown cluster.gpu='tpu'"),
-    (["cluster.gpus=4", "parallel.ep=3"], "parallel.ep=3 must divide"),
+    (["cluster.gpus=4", "parallel.ep=3"], "parallel.ep=3 does not divide"),
     (["cluster.nope=1"], "bad override"),
 ])
 def test_errors_are_one_line(capsys, overrides, message):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-from launch_util import ROOT, TINY_RUN, metrics, wait_for  # noqa: E402
+from helpers.launch_util import ROOT, TINY_RUN, metrics, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
-from trainer_small import SMALL  # noqa: E402
-from trainer_wandb import history  # noqa: E402
+from helpers.trainer_small import SMALL  # noqa: E402
+from helpers.trainer_wandb import history  # noqa: E402
 
 from jetmoe.training.metrics import REQUIRED_KEYS  # noqa: E402
 
@@ -32,8 +31,6 @@ def test_short_default_run_writes_every_metric_and_an_offline_wandb_run(tmp_path
         missing = [k for k in REQUIRED_KEYS if k not in r]
         assert not missing, missing
         assert all(math.isfinite(r[k]) for k in REQUIRED_KEYS)
-        assert r["loss"] == r["lm_loss"] + r["aux_loss"]
-        assert r["aux_loss"] == 0.01 * r["balance_loss"] + 0.001 * r["z_loss"]  # tiny preset's coefficients
         assert r["skipped"] is False
     assert rows[-1]["tokens"] == 3 * 8 * 32
     assert "eval_loss" in rows[2] and math.isfinite(rows[2]["eval_loss"])
@@ -65,3 +62,19 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped"], r["skipped_total"]) for r in rows] == [(1, True, 1), (2, True, 2)]
     assert rows[0]["lm_loss"] == rows[1]["lm_loss"]  # the skipped update left the weights alone
+
+
+def test_the_logged_objective_is_the_one_backpropagated(tmp_path):
+    """The trainer's row (loss, lm, aux, balance, z) equals the plain model's on the same batch and weights,
+    and the router gradients of its step equal the gradients of the plain model's objective."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/helpers/trainer_objective_check.py"), str(tmp_path / "run"), *SMALL,
+         "model.aux_loss_coef=0.05", "model.z_loss_coef=0.01"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, value in got["plain"].items():
+        assert math.isclose(got["logged"][key], value, rel_tol=1e-6), key
+    assert got["router_params"] == 2 * 4  # the MoA and MoE router of each of the 4 blocks
+    assert got["router_grad_rel_diff"] < 1e-5
+    assert got["router_grad_rel_diff_lm_only"] > 1e-2  # the aux-loss gradient matters, so the check can fail

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from jetmoe.errors import JetMoEError
@@ -14,7 +15,8 @@ from jetmoe.model import JetMoEConfig
 from jetmoe.parallel.topology import make_layout, split_blocks
 from jetmoe.training.cli import CONFIG_DIR, _one_line, register, strip_local_rank
 from jetmoe.training.config import model_config
-from jetmoe.training.engine import deepspeed_config, grad_accumulation
+from jetmoe.data.loader import micro_batches_per_step as grad_accumulation
+from jetmoe.training.engine import deepspeed_config
 from jetmoe.training.schedules import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +37,10 @@ def test_model_group_files_equal_the_presets(preset):
 
 
 def test_typo_in_a_key_fails_with_not_in_struct():
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ConfigCompositionException) as e:
         compose_cfg("train.lrr=1e-3")
     assert "lrr" in _one_line(e.value) and "not in" in _one_line(e.value)
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigCompositionException, match="hiden_size"):
         compose_cfg("model.hiden_size=64")
 
 

@@ -11,18 +11,27 @@ from jetmoe.data.sampler import GlobalBatchSampler
 from jetmoe.errors import JetMoEError
 
 
+def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank (gradient accumulation steps): the one
+    batch-size check, used by the loader, the trainer and the planner."""
+    if global_batch_size < 1 or micro_batch_size < 1:
+        raise JetMoEError(f"train.global_batch_size={global_batch_size} and train.micro_batch_size="
+                          f"{micro_batch_size} must be >= 1")
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        lower = max(per_step, global_batch_size // per_step * per_step)
+        raise JetMoEError(
+            f"train.global_batch_size={global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{micro_batch_size} x dp={dp} (= {per_step}); use e.g. train.global_batch_size={lower} or "
+            f"{lower + per_step}, or another micro_batch_size")
+    return global_batch_size // per_step
+
+
 def check_layout(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> int:
     """Returns micro-batches per step (gradient accumulation steps)."""
-    if micro_batch_size < 1 or dp_size < 1:
-        raise JetMoEError(f"micro_batch_size={micro_batch_size} and dp={dp_size} must be positive")
     if not 0 <= dp_rank < dp_size:
         raise JetMoEError(f"dp rank {dp_rank} is outside [0, {dp_size})")
-    if global_batch_size % (micro_batch_size * dp_size):
-        raise JetMoEError(
-            f"train.global_batch_size={global_batch_size} is not divisible by train.micro_batch_size*dp="
-            f"{micro_batch_size}*{dp_size}; change one of them"
-        )
-    return global_batch_size // (micro_batch_size * dp_size)
+    return micro_batches_per_step(global_batch_size, micro_batch_size, dp_size)
 
 
 def position_ids(inputs: np.ndarray, eos_token_id: int, document_mask: bool) -> np.ndarray:

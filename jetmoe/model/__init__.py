@@ -1,28 +1,28 @@
-"""The JetMoE model: config, sparse layers (MoA, MoE), router losses, transformers-format I/O."""
+"""The JetMoE model: config, sparse layers (MoA, MoE), router losses, the objective, transformers-format I/O."""
 
 from jetmoe.model.config import PRESETS, JetMoEConfig
 from jetmoe.model.experts import GroupedExperts, LocalDispatcher, LocalPlan, grouped_linear
 from jetmoe.model.attention import MoA
 from jetmoe.model.moe import MoE, SparseLayer
 from jetmoe.model.router import RouterLoss, TopKRouter, router_loss
+from jetmoe.model.loss import attach_aux_loss, aux_loss, causal_lm_loss, shift_labels, sum_router_losses
 from jetmoe.model.model import (
+    ATTENTION,
+    MLP,
     JetMoEBlock,
     JetMoEForCausalLM,
     JetMoEModel,
     JetMoEOutput,
-    attach_aux_loss,
-    causal_lm_loss,
-    checkpointed,
     init_like_transformers,
-    iter_router_losses,
     iter_sparse_layers,
-    shift_labels,
-    sum_router_losses,
+    make_embedding,
+    make_final_norm,
+    make_lm_head,
 )
 
 __all__ = [
     "PRESETS", "JetMoEConfig", "GroupedExperts", "LocalDispatcher", "LocalPlan", "grouped_linear", "MoA", "MoE",
-    "SparseLayer", "RouterLoss", "TopKRouter", "router_loss", "JetMoEBlock", "JetMoEForCausalLM", "JetMoEModel",
-    "JetMoEOutput", "attach_aux_loss", "causal_lm_loss", "checkpointed", "init_like_transformers", "iter_router_losses",
-    "iter_sparse_layers", "shift_labels", "sum_router_losses",
+    "SparseLayer", "RouterLoss", "TopKRouter", "router_loss", "attach_aux_loss", "aux_loss", "causal_lm_loss",
+    "shift_labels", "sum_router_losses", "ATTENTION", "MLP", "JetMoEBlock", "JetMoEForCausalLM", "JetMoEModel",
+    "JetMoEOutput", "init_like_transformers", "iter_sparse_layers", "make_embedding", "make_final_norm", "make_lm_head",
 ]

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from jetmoe.model.experts import GroupedExperts
 from jetmoe.model.layers import apply_rotary
 from jetmoe.model.moe import SparseLayer, weighted_sum_over_slots
-from jetmoe.model.router import TopKRouter
+from jetmoe.model.router import RouterLoss, TopKRouter
 
 
 class AttentionExperts(nn.Module):
@@ -42,11 +42,11 @@ class MoA(SparseLayer):
     bias = property(lambda self: self.experts.bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterLoss]:
         b, t, d = x.shape
         h, hd, k = self.num_kv_heads, self.head_dim, self.top_k
         flat = x.reshape(b * t, d)
-        expert_ids, gates, self.router_loss = self.router(flat)
+        expert_ids, gates, loss = self.router(flat)
         plan = self.dispatcher.plan(expert_ids, self.num_experts)
 
         q = self.input_linear(self.dispatcher.dispatch(flat, plan), plan.tokens_per_local_expert)
@@ -65,4 +65,4 @@ class MoA(SparseLayer):
         y = self.output_linear(self.dispatcher.dispatch(attn.view(b * t, k, h * hd), plan),
                                plan.tokens_per_local_expert)
         y = weighted_sum_over_slots(self.dispatcher.combine(y, plan), gates)
-        return (y + self.bias).view(b, t, d)
+        return (y + self.bias).view(b, t, d), loss

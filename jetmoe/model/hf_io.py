@@ -7,6 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -82,16 +83,17 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** "BKMG".index(unit[0] if unit[0] in "KMG" else "B"))
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
+def shard_by_bytes(sizes: Iterable[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names whose byte sizes add up to at most `max_bytes` each (a larger tensor sits
+    alone). The one sharding rule of HF directories, checkpoints and exports."""
+    shards, size = [[]], 0
+    for name, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
         size += nbytes
-    return shards + [current] if current else shards
+    return shards if shards[-1] else []
 
 
 def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:
@@ -106,7 +108,8 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype: torch
     dtype = dtype or next(iter(tensors.values())).dtype
     for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
         old.unlink(missing_ok=True)  # stale shards of an earlier save would mix with these
-    shards = plan_shards(tensors, parse_size(max_shard_size))
+    shards = [{n: tensors[n] for n in names} for names in shard_by_bytes(
+        ((n, t.numel() * t.element_size()) for n, t in tensors.items()), parse_size(max_shard_size))]
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(path / SINGLE_FILE), metadata=metadata)

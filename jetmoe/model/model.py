@@ -3,28 +3,32 @@
     block(x) = x + MoA(norm1(x));  x + MoE(norm2(x))
     logits   = lm_head(norm(blocks(embed(ids))))
     loss     = lm_loss + aux_loss_coef * sum_r balance_r + z_loss_coef * sum_r z_r   (r: every router)
+
+Every sparse layer returns its router losses with its output; the model keeps no per-step state.
+Parallelism (pipeline stages, expert dispatch, activation recompute) wraps these modules from outside.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from jetmoe.model.attention import MoA
 from jetmoe.model.config import JetMoEConfig
 from jetmoe.model.experts import GroupedExperts
 from jetmoe.model.layers import RMSNorm, default_position_ids, document_mask, rotary_cos_sin
+from jetmoe.model.loss import aux_loss, causal_lm_loss, shift_labels, sum_router_losses
 from jetmoe.model.moe import MoE, SparseLayer
 from jetmoe.model.router import RouterLoss
 
 # transformers builds both block norms with its RMSNorm default eps, not config.rms_norm_eps (which only
 # the final norm uses). Kept so that checkpoints behave identically in both libraries.
 BLOCK_NORM_EPS = 1e-6
+ATTENTION, MLP = "self_attention", "mlp"  # a block's sparse layers, in the order its forward returns their losses
 
 
 class JetMoEBlock(nn.Module):
@@ -40,36 +44,50 @@ class JetMoEBlock(nn.Module):
         self.mlp = MoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
                        config.num_experts_per_tok)
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[RouterLoss, RouterLoss]]:
+        """(new hidden, (the MoA router's losses, the MoE router's losses))."""
         if position_ids is None:
             position_ids = default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device)
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
         mask = document_mask(position_ids)
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cos, sin, mask)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attended, attention_loss = self.self_attention(self.input_layernorm(hidden), cos, sin, mask)
+        hidden = hidden + attended
+        mixed, mlp_loss = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + mixed, (attention_loss, mlp_loss)
 
 
-def checkpointed(block: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Run a block keeping only its input; its activations are recomputed in backward."""
-    return checkpoint(block, hidden, position_ids, use_reentrant=False)
+# The parts outside the blocks, built the same way by the model and by a pipeline stage.
+def make_embedding(config: JetMoEConfig) -> nn.Embedding:
+    return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+
+def make_final_norm(config: JetMoEConfig) -> RMSNorm:
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def make_lm_head(config: JetMoEConfig) -> nn.Linear:
+    return nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class JetMoEModel(nn.Module):
     def __init__(self, config: JetMoEConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens = make_embedding(config)
         self.layers = nn.ModuleList(JetMoEBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_final_norm(config)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, RouterLoss]]:
+        """(final hidden states, {sparse layer name: its router losses})."""
         hidden = self.embed_tokens(input_ids)
-        for block in self.layers:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpointed(block, hidden, position_ids)
-            else:
-                hidden = block(hidden, position_ids)
-        return self.norm(hidden)
+        router_losses = {}
+        for i, block in enumerate(self.layers):
+            hidden, (attention_loss, mlp_loss) = block(hidden, position_ids)
+            router_losses[f"model.layers.{i}.{ATTENTION}"] = attention_loss
+            router_losses[f"model.layers.{i}.{MLP}"] = mlp_loss
+        return self.norm(hidden), router_losses
 
 
 @dataclass
@@ -80,17 +98,7 @@ class JetMoEOutput:
     aux_loss: torch.Tensor
     lm_loss: torch.Tensor | None = None
     loss: torch.Tensor | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, shifted_labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (fp32) over the positions whose label is not -100; labels already shifted."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted_labels.reshape(-1),
-                           ignore_index=-100)
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """transformers' convention: position t predicts labels[t + 1]; the last position predicts nothing."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
+    router_losses: dict[str, RouterLoss] = field(default_factory=dict)  # sparse layer name -> its losses
 
 
 def iter_sparse_layers(module: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
@@ -99,51 +107,26 @@ def iter_sparse_layers(module: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
             yield name, sub
 
 
-def iter_router_losses(module: nn.Module) -> Iterator[tuple[str, RouterLoss]]:
-    """(layer name, RouterLoss of its last forward) for every sparse layer inside `module` that has run."""
-    for name, layer in iter_sparse_layers(module):
-        if layer.router_loss is not None:
-            yield name, layer.router_loss
-
-
-def sum_router_losses(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    losses = [loss for _, loss in iter_router_losses(module)]
-    if not losses:
-        zero = torch.zeros(())
-        return zero, zero
-    return torch.stack([l.balance for l in losses]).sum(), torch.stack([l.z for l in losses]).sum()
-
-
-class _AttachAuxLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, aux, grad_scale):
-        ctx.grad_scale = grad_scale
-        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad_hidden):
-        shape, dtype, device = ctx.aux_meta
-        return grad_hidden, torch.full(shape, ctx.grad_scale, dtype=dtype, device=device), None
-
-
-def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
-    """Identity on `hidden`; in backward, `aux` receives gradient `grad_scale` as if `grad_scale * aux` had
-    been added to the loss. Lets a pipeline stage train its router losses while sending only hidden states."""
-    return _AttachAuxLoss.apply(hidden, aux, grad_scale)
+def name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 @torch.no_grad()
-def init_like_transformers(module: nn.Module, std: float,
-                           draw_matrix: Callable[[nn.Module], None] | None = None) -> None:
-    """transformers' initialisation of every submodule: N(0, std) for matrices, ones for norms, zeros for
-    biases. `draw_matrix(sub)` fills a matrix's weight; by default it draws from torch's global generator."""
+def init_like_transformers(module: nn.Module, std: float, seed: int, global_names: dict[str, str] | None = None) -> None:
+    """transformers' scheme: N(0, std) for matrices, ones for norms, zeros for biases.
+
+    Each matrix is drawn from a generator seeded by (seed, its transformers name), so a tensor gets the same
+    values whichever module holds it: the whole model or any pipeline stage of any layout. `global_names`
+    maps the module's parameter names to transformers' names (default: they are already)."""
+    names = {id(p): (global_names[n] if global_names else n) for n, p in module.named_parameters()}
+    drawn = set()  # a tied matrix is drawn once (a second draw would undo the embedding's zeroed padding row)
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding, GroupedExperts)):
-            if draw_matrix is None:
-                sub.weight.normal_(0.0, std)
-            else:
-                draw_matrix(sub)
+        if isinstance(sub, (nn.Linear, nn.Embedding, GroupedExperts)) and id(sub.weight) not in drawn:
+            if sub.weight.is_meta:  # a skeleton (from_pretrained) gets its values from the files
+                continue
+            drawn.add(id(sub.weight))
+            gen = torch.Generator().manual_seed(name_seed(seed, names[id(sub.weight)]))
+            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * std)
         if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
             sub.weight[sub.padding_idx].zero_()
         if isinstance(sub, RMSNorm):
@@ -153,30 +136,30 @@ def init_like_transformers(module: nn.Module, std: float,
 
 
 class JetMoEForCausalLM(nn.Module):
-    def __init__(self, config: JetMoEConfig):
+    def __init__(self, config: JetMoEConfig, seed: int | None = None):
+        """`seed` fixes the initial weights (the trainer's train.seed gives the same weights for every layout);
+        by default it is drawn from torch's global generator, so torch.manual_seed makes the model reproducible."""
         super().__init__()
         self.config = config
         self.model = JetMoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights()
+        self.lm_head = make_lm_head(config)
         self.tie_weights()
+        self.init_weights(int(torch.randint(2**62, (), device="cpu")) if seed is None else seed)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        init_like_transformers(self, self.config.initializer_range)
+    def init_weights(self, seed: int) -> None:
+        init_like_transformers(self, self.config.initializer_range, seed)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> JetMoEOutput:
-        for _, layer in iter_sparse_layers(self):
-            layer.router_loss = None
-        logits = self.lm_head(self.model(input_ids, position_ids))
-        balance, z = sum_router_losses(self)
-        aux = self.config.aux_loss_coef * balance + self.config.z_loss_coef * z
-        out = JetMoEOutput(logits=logits, balance_loss=balance, z_loss=z, aux_loss=aux)
+        hidden, router_losses = self.model(input_ids, position_ids)
+        logits = self.lm_head(hidden)
+        balance, z = sum_router_losses(router_losses.values())
+        aux = aux_loss(balance, z, self.config.aux_loss_coef, self.config.z_loss_coef)
+        out = JetMoEOutput(logits=logits, balance_loss=balance, z_loss=z, aux_loss=aux, router_losses=router_losses)
         if labels is not None:
             out.lm_loss = causal_lm_loss(logits, shift_labels(labels))
             out.loss = out.lm_loss + aux

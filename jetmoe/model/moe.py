@@ -13,19 +13,18 @@ from jetmoe.model.router import RouterLoss, TopKRouter
 class SparseLayer(nn.Module):
     """A layer whose tokens pick top-k of `num_experts` experts.
 
-    Exposes `router`, `input_linear`, `output_linear`, `bias` and a settable `dispatcher`; after each
-    forward, `router_loss` holds this micro-batch's RouterLoss.
+    Exposes `router`, `input_linear`, `output_linear`, `bias` and a settable `dispatcher` (how tokens reach
+    the experts: `parallel/` swaps in an expert-parallel one). `forward` returns (output, RouterLoss of this
+    call); the layer keeps no per-call state.
     """
 
     num_experts: int  # global count (config.num_local_experts); the weights may hold a slice of them
     top_k: int
-    router_loss: RouterLoss | None
 
     def _init_sparse(self, num_experts: int, top_k: int) -> None:
         self.num_experts = num_experts
         self.top_k = top_k
         self.dispatcher = LocalDispatcher()
-        self.router_loss = None
 
 
 def weighted_sum_over_slots(y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -44,12 +43,12 @@ class MoE(SparseLayer):
         self.router = TopKRouter(hidden_size, num_experts, top_k)
         self._init_sparse(num_experts, top_k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterLoss]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        expert_ids, gates, self.router_loss = self.router(x)
+        expert_ids, gates, loss = self.router(x)
         plan = self.dispatcher.plan(expert_ids, self.num_experts)
         h = self.input_linear(self.dispatcher.dispatch(x, plan), plan.tokens_per_local_expert)
         h = self.output_linear(swiglu(h), plan.tokens_per_local_expert)
         y = weighted_sum_over_slots(self.dispatcher.combine(h, plan), gates)
-        return (y + self.bias).view(shape)
+        return (y + self.bias).view(shape), loss

@@ -5,18 +5,18 @@ inside one, rank r keeps experts [r*E/ep, (r+1)*E/ep) of every sparse layer and 
 through `AllToAllDispatcher`. Expert parameters then differ between ep peers, so their gradients
 may only be reduced over the expert-data-parallel group (the ranks holding the same experts).
 DeepSpeed does that for parameters marked `allreduce=False` + `group_name`, but only when the
-engine's `has_moe_layers` is set, which it does for its own MoE class alone; `expert_parallel_engine`
+engine's `has_moe_layers` is set, which it does for its own MoE class alone; `expert_aware_initialize`
 sets it for ours.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
 from jetmoe.errors import JetMoEError
+from jetmoe.model import MoA, RouterLoss, iter_sparse_layers
+from jetmoe.parallel import deepspeed_internals
 from jetmoe.parallel.expert_dispatch import AllToAllDispatcher, CommCounter
 
 EXPERT_WEIGHTS = ("input_linear", "output_linear")
@@ -34,19 +34,13 @@ def create_expert_groups(ep_size: int, pp_size: int):
     With pipe-major, data-minor rank order, the ep peers of rank g are the `ep` consecutive ranks
     of its stage starting at a multiple of ep, and edp = same position modulo ep inside the stage.
     """
-    from deepspeed.utils import groups
-
     name = expert_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size, pp_size=pp_size)
-    group = groups._get_expert_parallel_group(name)
+    deepspeed_internals.ensure_expert_groups(name, ep_size, pp_size)
+    group = deepspeed_internals.expert_parallel_group(name)
     return group, dist.get_rank(group)
 
 
 def iter_expert_layers(module, include_attention: bool = True):
-    from jetmoe.model import iter_sparse_layers
-    from jetmoe.model.attention import MoA
-
     for name, layer in iter_sparse_layers(module):
         if include_attention or not isinstance(layer, MoA):
             yield name, layer
@@ -103,60 +97,25 @@ def moe_param_groups(param_groups):
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def has_expert_params(module: torch.nn.Module) -> bool:
-    return any(getattr(p, "allreduce", True) is False for p in module.parameters())
-
-
-@contextlib.contextmanager
-def expert_parallel_engine():
-    """Within this context, DeepSpeed engines built for a module with expert-marked parameters
-    set `has_moe_layers`, so ZeRO/the engine reduce those gradients over the expert-data group.
-
-    Wrap the `deepspeed.initialize(...)` call with it. Without expert-marked parameters it changes nothing.
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._configure_distributed_model
-
-    def configure(self, model):
-        original(self, model)
-        expert = {p.group_name for p in model.parameters() if getattr(p, "allreduce", True) is False}
-        if expert and not self.has_moe_layers:
-            self.has_moe_layers = True
-            self.num_experts = [layer.num_experts for _, layer in _sparse_layers(model)]
-
-    DeepSpeedEngine._configure_distributed_model = configure
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._configure_distributed_model = original
+def expert_parallel_engine(module: torch.nn.Module):
+    """Context for `deepspeed.initialize` of a module with expert-marked parameters: the engine then reduces
+    their gradients over the expert-data group only (see deepspeed_internals.engine_knows_expert_params)."""
+    return deepspeed_internals.engine_knows_expert_params([l.num_experts for _, l in iter_sparse_layers(module)])
 
 
 def expert_aware_initialize(**kwargs):
-    """`deepspeed.initialize(**kwargs)` inside `expert_parallel_engine()`."""
+    """`deepspeed.initialize(**kwargs)` inside `expert_parallel_engine(kwargs["model"])`."""
     import deepspeed
 
-    with expert_parallel_engine():
+    with expert_parallel_engine(kwargs["model"]):
         return deepspeed.initialize(**kwargs)
 
 
-def _sparse_layers(module):
-    from jetmoe.model import iter_sparse_layers
-
-    return list(iter_sparse_layers(module))
-
-
-def reduce_tokens_per_expert(module: torch.nn.Module, group=None) -> dict[str, torch.Tensor]:
-    """{layer_name: LongTensor[E]} of the last forward's routed slots, summed over `group`.
-
-    One all_reduce for all layers. Every rank of the group must hold the same layers.
-    """
-    from jetmoe.model import iter_router_losses
-
-    names, counts = [], []
-    for name, loss in iter_router_losses(module):
-        names.append(name)
-        counts.append(loss.tokens_per_expert.reshape(-1))
+def reduce_tokens_per_expert(router_losses: dict[str, RouterLoss], group=None) -> dict[str, torch.Tensor]:
+    """{layer name: LongTensor[E]} of one forward's routed slots (the model output's `router_losses`),
+    summed over `group`. One all_reduce for all layers; every rank of the group must hold the same layers."""
+    names = list(router_losses)
+    counts = [router_losses[n].tokens_per_expert.reshape(-1) for n in names]
     if not counts:
         return {}
     flat = torch.cat(counts).to(torch.long)

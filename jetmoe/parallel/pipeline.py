@@ -1,116 +1,117 @@
-"""JetMoE as a DeepSpeed PipelineModule.
+"""JetMoE as a DeepSpeed PipelineModule, built from the model's own modules.
 
-Layer list (global indices): 0 embedding, 1..L the blocks, L+1 the final norm, L+2 the head.
-The first stage always holds the embedding and the last the norm, head and loss; the blocks are split
-by `parallel.partition`. With tied embeddings the embedding and the head are one TiedLayerSpec, so the
-first and last stage each hold a copy whose gradients DeepSpeed all-reduces.
+Layer list (global indices): 0 embedding, 1..L the blocks, L+1 the final norm, L+2 the head. The first
+stage always holds the embedding and the last the norm, head and loss; the blocks are split by
+`parallel.partition`. With tied embeddings the embedding and the head are one TiedLayerSpec, so the first
+and last stage each hold a copy whose gradients DeepSpeed all-reduces.
 
-Only (hidden, position_ids) cross stage boundaries. Each block attaches its routers' aux loss to its
-output's gradient (`attach_aux_loss`) and records the detached values in a `RouterTracker`.
+Each stage layer is a thin adapter of the `(hidden, position_ids)` tuple that crosses stages around one of
+the model's modules, held under the same attribute path as in `JetMoEForCausalLM` below `model_prefix`:
+transformers' name of any parameter is `model_prefix + its name inside the adapter`. LayerSpecs make each
+rank build only its own stage. A block attaches its routers' aux loss to its output's gradient
+(`attach_aux_loss`) and hands the detached losses to `on_router_loss`: nothing else crosses a stage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import zlib
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 from torch.nn import functional as F
 
 from jetmoe.model import (
+    ATTENTION,
+    MLP,
     JetMoEBlock,
     JetMoEConfig,
+    RouterLoss,
     attach_aux_loss,
+    aux_loss,
     causal_lm_loss,
-    checkpointed,
     init_like_transformers,
-    iter_router_losses,
-    iter_sparse_layers,
+    make_embedding,
+    make_final_norm,
+    make_lm_head,
 )
-from jetmoe.model.layers import RMSNorm
-from jetmoe.training.router_stats import RouterTracker
+from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
 from jetmoe.parallel.topology import Layout, split_blocks
 
 TIED_KEY = "embed"
-ROUTER_KINDS = ("moa", "moe")  # index 0: the attention router, 1: the MLP router
+ROUTERS = (ATTENTION, MLP)  # a block's routers, in the order its forward returns their losses
+
+# on_router_loss(layer index, router index in ROUTERS, detached losses of one micro-batch)
+RouterLossHook = Callable[[int, int, RouterLoss], None]
 
 
-@dataclass
-class StageContext:
-    """Mutable settings shared by the stage's blocks (set by the engine after it knows them)."""
+class EmbeddingStage(nn.Module):
+    model_prefix = "model."
 
-    grad_scale: float = 1.0  # 1 / micro-batches per step: DeepSpeed scales the LM loss the same way
-    checkpointing: bool = False
-
-
-class EmbeddingPipe(nn.Module):
     def __init__(self, config: JetMoEConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens = make_embedding(config)
 
     def forward(self, inputs):
         input_ids, position_ids = inputs
         return self.embed_tokens(input_ids), position_ids
 
 
-def tied_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+def tied_head(embedding: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, embedding.embed_tokens.weight)
 
 
-class HeadPipe(nn.Module):
+class BlockStage(nn.Module):
+    model_prefix = "model."
+
+    def __init__(self, config: JetMoEConfig, layer_idx: int, grad_scale: float, on_router_loss: RouterLossHook | None):
+        """grad_scale: 1 / micro-batches per step, the scale DeepSpeed applies to the LM loss's gradient."""
+        super().__init__()
+        self.layers = nn.ModuleDict({str(layer_idx): JetMoEBlock(config, layer_idx)})
+        self.layer_idx = layer_idx
+        self.coefs = (config.aux_loss_coef, config.z_loss_coef)
+        self.grad_scale = grad_scale
+        self.on_router_loss = on_router_loss
+
+    @property
+    def block(self) -> JetMoEBlock:
+        return self.layers[str(self.layer_idx)]
+
+    def forward(self, inputs):
+        hidden, position_ids = inputs
+        hidden, losses = self.block(hidden, position_ids)
+        if self.training and torch.is_grad_enabled():
+            aux = sum(aux_loss(l.balance, l.z, *self.coefs) for l in losses)
+            hidden = attach_aux_loss(hidden, aux, self.grad_scale)
+        if self.training and self.on_router_loss is not None:
+            for router, loss in enumerate(losses):
+                self.on_router_loss(self.layer_idx, router, RouterLoss(*(t.detach() for t in loss)))
+        return hidden, position_ids
+
+
+class FinalNormStage(nn.Module):
+    model_prefix = "model."
+
     def __init__(self, config: JetMoEConfig):
         super().__init__()
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def forward(self, hidden):
-        return self.lm_head(hidden)
-
-
-class FinalNormPipe(nn.Module):
-    def __init__(self, config: JetMoEConfig):
-        super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_final_norm(config)
 
     def forward(self, inputs):
         hidden, _ = inputs
         return self.norm(hidden)
 
 
-class BlockPipe(nn.Module):
-    def __init__(self, config: JetMoEConfig, layer_idx: int, tracker: RouterTracker, ctx: StageContext):
+class HeadStage(nn.Module):
+    model_prefix = ""
+
+    def __init__(self, config: JetMoEConfig):
         super().__init__()
-        self.block = JetMoEBlock(config, layer_idx)
-        self.layer_idx = layer_idx
-        self.aux_loss_coef = config.aux_loss_coef
-        self.z_loss_coef = config.z_loss_coef
-        # Plain attributes (not submodules): shared by all blocks of the stage.
-        self.__dict__["tracker"] = tracker
-        self.__dict__["ctx"] = ctx
+        self.lm_head = make_lm_head(config)
 
-    def forward(self, inputs):
-        hidden, position_ids = inputs
-        for _, layer in iter_sparse_layers(self.block):
-            layer.router_loss = None
-        if self.ctx.checkpointing and self.training and torch.is_grad_enabled():
-            hidden = checkpointed(self.block, hidden, position_ids)
-        else:
-            hidden = self.block(hidden, position_ids)
-        losses = list(iter_router_losses(self.block))
-        if self.training and torch.is_grad_enabled():
-            aux = sum(self.aux_loss_coef * l.balance + self.z_loss_coef * l.z for _, l in losses)
-            hidden = attach_aux_loss(hidden, aux, self.ctx.grad_scale)
-        if self.training:
-            for name, loss in losses:
-                self.tracker.record(self.layer_idx, router_kind(name), loss)
-        return hidden, position_ids
-
-
-def router_kind(layer_name: str) -> int:
-    return 0 if "attention" in layer_name else 1
+    def forward(self, hidden):
+        return self.lm_head(hidden)
 
 
 def block_weights(config: JetMoEConfig) -> list[int]:
@@ -124,99 +125,60 @@ def block_weights(config: JetMoEConfig) -> list[int]:
     return weights
 
 
-class JetMoEPipeline(PipelineModule):
-    """PipelineModule whose stage boundaries come from `split_blocks` (passed as "jetmoe:c0,c1,...")."""
+def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterLossHook | None) -> list:
+    from deepspeed.runtime.pipe.module import LayerSpec, TiedLayerSpec
 
-    def _partition_layers(self, method="uniform"):
-        counts = [int(c) for c in method.split(":", 1)[1].split(",")]
-        parts = [0]
-        for s, c in enumerate(counts):
-            parts.append(parts[-1] + c + (1 if s == 0 else 0))
-        parts[-1] = len(self._layer_specs)  # the last stage also takes the norm and the head
-        self.parts = parts
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=parts[stage], stop=parts[stage + 1])
-
-    def _synchronize_tied_weights(self):
-        # DeepSpeed broadcasts the tied weight with grad mode on, which records c10d::broadcast_ into the
-        # parameter's autograd history (torch warns at every backward); a copy needs no history.
-        with torch.no_grad():
-            super()._synchronize_tied_weights()
-
-
-def layer_specs(config: JetMoEConfig, tracker: RouterTracker, ctx: StageContext) -> list:
     tied = config.tie_word_embeddings
-    embed = (TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, tied_weight_attr=["embed_tokens.weight"])
-             if tied else LayerSpec(EmbeddingPipe, config))
+    embed = (TiedLayerSpec(TIED_KEY, EmbeddingStage, config, tied_weight_attr=["embed_tokens.weight"])
+             if tied else LayerSpec(EmbeddingStage, config))
     specs = [embed]
-    specs += [LayerSpec(BlockPipe, config, i, tracker, ctx) for i in range(config.num_hidden_layers)]
-    specs.append(LayerSpec(FinalNormPipe, config))
+    specs += [LayerSpec(BlockStage, config, i, grad_scale, on_router_loss) for i in range(config.num_hidden_layers)]
+    specs.append(LayerSpec(FinalNormStage, config))
     if tied:
-        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, forward_fn=tied_head,
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingStage, config, forward_fn=tied_head,
                                    tied_weight_attr=["embed_tokens.weight"]))
     else:
-        specs.append(LayerSpec(HeadPipe, config))
+        specs.append(LayerSpec(HeadStage, config))
     return specs
 
 
-def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int,
-                   tracker: RouterTracker, ctx: StageContext) -> JetMoEPipeline:
+def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
+                   on_router_loss: RouterLossHook | None = None, activation_checkpointing: bool = False):
     """This rank's stage of the pipeline, initialised identically for every layout."""
     weights = block_weights(config) if partition == "parameters" else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology on rank 0
-        module = JetMoEPipeline(
-            layers=layer_specs(config, tracker, ctx),
+        module = BlockCountPipelineModule(
+            counts,
+            layers=layer_specs(config, grad_scale, on_router_loss),
             topology=topology,
             loss_fn=causal_lm_loss,
-            partition_method="jetmoe:" + ",".join(map(str, counts)),
             activation_checkpoint_interval=0,
         )
     module.block_counts = counts
-    module.global_names = global_param_names(module, config)
-    init_parameters(module, module.global_names, config, seed)
+    module.global_names = global_param_names(module)
+    init_like_transformers(module, config.initializer_range, seed, module.global_names)
+    if activation_checkpointing:
+        apply_activation_checkpointing(m.block for m in module.modules() if isinstance(m, BlockStage))
     return module
 
 
-def global_param_names(module: PipelineModule, config: JetMoEConfig) -> dict[str, str]:
+def stage_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """{local name prefix: stage adapter} for the layers this rank holds (tied ones under tied_modules)."""
+    out = {}
+    for head, child in module.named_children():
+        if head == "tied_modules":
+            out.update({f"tied_modules.{key}.": tied for key, tied in child.items()})
+        elif hasattr(child, "model_prefix"):
+            out[f"{head}."] = child
+    return out
+
+
+def global_param_names(module: nn.Module) -> dict[str, str]:
     """Local parameter name -> transformers' name, for every parameter this stage holds.
 
     With tied embeddings the first and last stage both map their copy to `model.embed_tokens.weight`;
     the last stage's copy is marked `ds_pipe_replicated` by DeepSpeed (save it once, from stage 0).
     """
-    num_layers = config.num_hidden_layers
-    names = {}
-    for local, _ in module.named_parameters():
-        head, rest = local.split(".", 1)
-        if head == "tied_modules":
-            _, inner = rest.split(".", 1)  # "<key>.embed_tokens.weight"
-            names[local] = "model." + inner
-            continue
-        idx = int(head)
-        if idx == 0:
-            names[local] = "model." + rest
-        elif idx <= num_layers:
-            names[local] = f"model.layers.{idx - 1}." + rest.split(".", 1)[1]  # drop "block."
-        elif idx == num_layers + 1:
-            names[local] = "model." + rest
-        else:
-            names[local] = rest  # "lm_head.weight"
-    return names
-
-
-@torch.no_grad()
-def init_parameters(module: nn.Module, global_names: dict[str, str], config: JetMoEConfig, seed: int) -> None:
-    """transformers' scheme (N(0, initializer_range) matrices, ones for norms, zeros for biases), each
-    tensor drawn from a generator seeded by (seed, its global name): identical for any pipeline split."""
-    std = config.initializer_range
-    by_id = {id(p): global_names[n] for n, p in module.named_parameters()}
-
-    def draw_matrix(sub: nn.Module) -> None:
-        gen = torch.Generator().manual_seed(_name_seed(seed, by_id[id(sub.weight)]))
-        sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * std)
-
-    init_like_transformers(module, std, draw_matrix)
-
-
-def _name_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return {local + name: layer.model_prefix + name
+            for local, layer in stage_layers(module).items() for name, _ in layer.named_parameters()}

@@ -31,19 +31,14 @@ class Layout:
     def ep_rank(self) -> int:
         return self.dp_rank % self.ep
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage == self.pp - 1
-
-    def rank_of(self, stage: int, dp_rank: int) -> int:
-        return stage * self.dp + dp_rank
-
     def describe(self) -> str:
         return f"world={self.world} pp={self.pp} dp={self.dp} ep={self.ep}"
+
+    def as_dict(self) -> dict:
+        return {"world": self.world, "pp": self.pp, "dp": self.dp, "ep": self.ep}
+
+
+Layout.SINGLE = Layout(world=1, pp=1, dp=1, ep=1, rank=0)  # one process holding everything
 
 
 def make_layout(world: int, rank: int, pp: int, ep: int, num_layers: int, num_experts: int) -> Layout:

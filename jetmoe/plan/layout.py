@@ -3,12 +3,13 @@
 from dataclasses import dataclass
 from typing import Any
 
-from jetmoe.errors import JetMoEError
 from jetmoe.plan.params import ModelShape, ParamCounts
 
 
 @dataclass(frozen=True)
-class Layout:
+class ClusterLayout:
+    """The planner's view of a layout: a whole cluster, not one rank (that is jetmoe.parallel.topology.Layout)."""
+
     gpus: int
     pp: int
     ep: int
@@ -24,20 +25,6 @@ class Layout:
     def expert_dp(self) -> int:
         """Ranks holding the same experts of a stage: the group that reduces (and ZeRO-shards) expert state."""
         return self.dp // self.ep
-
-
-def check_layout(gpus: int, pp: int, ep: int, num_layers: int, num_experts: int) -> None:
-    if gpus < 1 or pp < 1 or ep < 1:
-        raise JetMoEError(f"cluster.gpus={gpus}, parallel.pp={pp}, parallel.ep={ep} must all be >= 1")
-    if gpus % pp:
-        raise JetMoEError(f"cluster.gpus={gpus} is not divisible by parallel.pp={pp}; pick gpus = pp x dp")
-    dp = gpus // pp
-    if dp % ep:
-        raise JetMoEError(f"parallel.ep={ep} must divide dp={dp} (= gpus / pp); pick ep among the divisors of dp")
-    if num_experts % ep:
-        raise JetMoEError(f"parallel.ep={ep} must divide num_local_experts={num_experts}")
-    if pp > num_layers:
-        raise JetMoEError(f"parallel.pp={pp} exceeds num_hidden_layers={num_layers}; use pp <= {num_layers}")
 
 
 def blocks_per_stage(num_layers: int, pp: int, partition: Any = "uniform", block: int = 1, first: int = 0,
@@ -69,7 +56,7 @@ class StageParams:
         return self.dense + self.expert_total
 
 
-def stage_params(shape: ModelShape, counts: ParamCounts, layout: Layout) -> list[StageParams]:
+def stage_params(shape: ModelShape, counts: ParamCounts, layout: ClusterLayout) -> list[StageParams]:
     """Parameters per stage. With pp > 1 and tied embeddings the last stage keeps its own copy of the
     embedding for the head (DeepSpeed's tied layers), so the tied weight is held twice."""
     out = []

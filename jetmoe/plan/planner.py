@@ -4,7 +4,9 @@ from dataclasses import dataclass, field
 
 from jetmoe.errors import JetMoEError
 from jetmoe.plan.hardware import GPU
-from jetmoe.plan.layout import Layout, StageParams, check_layout, stage_params
+from jetmoe.data.loader import micro_batches_per_step
+from jetmoe.parallel.topology import make_layout
+from jetmoe.plan.layout import ClusterLayout, StageParams, stage_params
 from jetmoe.plan.memory import GIB, Precision, StageMemory, stage_memory
 from jetmoe.plan.params import ModelShape, ParamCounts, count_params
 from jetmoe.plan.throughput import (
@@ -23,7 +25,7 @@ MEMORY_HEADROOM = 0.90  # share of device memory the plan may use (allocator sla
 @dataclass(frozen=True)
 class PlanInputs:
     shape: ModelShape
-    layout: Layout
+    layout: ClusterLayout
     gpu: GPU
     seq_len: int
     global_batch: int  # sequences per optimizer step
@@ -107,32 +109,25 @@ def _memory(inp: PlanInputs, stages: list[StageParams], micro_batch: int, micro_
     ]
 
 
-def _node(rank: int, lay: Layout) -> int:
+def _node(rank: int, lay: ClusterLayout) -> int:
     return rank // lay.gpus_per_node
 
 
-def _ep_in_node(lay: Layout) -> bool:
+def _ep_in_node(lay: ClusterLayout) -> bool:
     """Expert groups are ep consecutive ranks (pipe-major, data-minor order)."""
     return all(_node(r, lay) == _node(r - r % lay.ep, lay) for r in range(lay.gpus))
 
 
-def _stages_in_node(lay: Layout) -> bool:
+def _stages_in_node(lay: ClusterLayout) -> bool:
     """Whether every stage-to-stage send (rank r to r + dp) stays inside a node."""
     return all(_node(r, lay) == _node(r + lay.dp, lay) for r in range(lay.gpus - lay.dp))
 
 
 def make_plan(inp: PlanInputs) -> Plan:
     shape, lay = inp.shape, inp.layout
-    check_layout(lay.gpus, lay.pp, lay.ep, shape.num_layers, shape.num_experts)
+    make_layout(lay.gpus, 0, lay.pp, lay.ep, shape.num_layers, shape.num_experts)
+    m = micro_batches_per_step(inp.global_batch, inp.micro_batch, lay.dp)
     per_dp = inp.global_batch // lay.dp
-    if inp.global_batch % lay.dp or per_dp % inp.micro_batch:
-        raise JetMoEError(
-            f"train.global_batch_size={inp.global_batch} must be a multiple of dp x micro_batch_size = "
-            f"{lay.dp} x {inp.micro_batch}; change one of them"
-        )
-    if not 0 < inp.mfu <= 1:
-        raise JetMoEError(f"cluster.mfu={inp.mfu} must be in (0, 1], e.g. cluster.mfu=0.4")
-    m = per_dp // inp.micro_batch
     counts = count_params(shape)
     stages = stage_params(shape, counts, lay)
     memory = _memory(inp, stages, inp.micro_batch, m, inp.checkpointing)

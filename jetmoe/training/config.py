@@ -144,7 +144,6 @@ class ClusterSection:
     mfu: float = 0.35  # planner's assumption
     gpu_memory_gib: Optional[float] = None  # None = table by gpu
     gpus_per_node: int = 8
-    nodes: int = 1
 
 
 @dataclass
@@ -162,6 +161,26 @@ class RunConfig:
 def register_configs() -> None:
     """Make the schema known to Hydra as `run_schema` (config.yaml lists it first in its defaults)."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def use_cuda(cfg: DictConfig) -> bool:
+    device = cfg.train.device
+    if device not in ("auto", "cpu", "cuda"):
+        raise JetMoEError(f"train.device={device!r} is unknown; use auto, cpu or cuda")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise JetMoEError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def precision(cfg: DictConfig) -> str:
+    p = cfg.train.precision
+    if p not in ("auto", "fp32", "bf16"):
+        raise JetMoEError(f"train.precision={p!r} is unknown; use auto, fp32 or bf16")
+    if p == "auto":
+        return "bf16" if use_cuda(cfg) else "fp32"
+    return p
 
 
 def model_config(cfg: DictConfig):

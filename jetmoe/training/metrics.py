@@ -23,7 +23,7 @@ from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
 
 PEAK_TFLOPS_BF16 = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
-# Every row of metrics.jsonl carries at least these (DESIGN section 4).
+# Every row of metrics.jsonl carries at least these: the run directory's contract (README, 'Run directory').
 REQUIRED_KEYS = ("step", "lm_loss", "aux_loss", "balance_loss", "z_loss", "loss", "lr", "grad_norm", "tokens",
                  "tokens_per_sec")
 

@@ -1,28 +1,45 @@
-"""The training loop: one `train_batch` of the PipelineEngine per optimizer step, then the tracker's
-router losses reduced over pp and dp, then one metrics row from global rank 0.
-
-Checkpoints (jetmoe.training.checkpoint.CheckpointManager): `.resume() -> int` (steps already done) once
-before the loop, `.after_step(step)` at each step boundary (`step` = optimizer steps done, the data
-loader already advanced past them), `.should_stop() -> bool` after it (a stop signal arrived), and
-`.finish(step)` at the end.
+"""The training loop. One optimizer step reads top to bottom in `Trainer.train_step`: this rank's
+micro-batches, the pipeline's forward/backward/step, the routers' statistics, the objective, the
+metrics row. Checkpoints (`CheckpointManager`) are told about each step boundary by `train`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
+from jetmoe.model import aux_loss
+from jetmoe.parallel.process_group import init_process_group
+from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager
-from jetmoe.training.config import data_config, model_config
-from jetmoe.training.engine import (EngineParts, build_engine, grad_accumulation, init_distributed, layout_for,
-                                   precision, use_cuda)
+from jetmoe.training.config import data_config, model_config, precision, use_cuda
+from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
+from jetmoe.training.router_stats import RouterTracker
+
+
+@dataclass
+class TrainState:
+    """The trainer's own counters; checkpoints save and restore them."""
+
+    step: int = 0  # optimizer steps done (skipped ones included)
+    skipped_total: int = 0  # steps whose loss or gradient was not finite
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state.get("step", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
 
 
 def _pipe_batches(micro_batches: list[dict], device) -> list:
@@ -35,32 +52,32 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.step = 0  # optimizer steps done (skipped ones included)
-        self.skipped_total = 0
+        self.state = TrainState()
         self.skipped_in_a_row = 0
-        self.tokens = 0
 
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
-        self.rank, self.world = init_distributed(cfg)
+        self.cuda = use_cuda(cfg)
+        self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
         self.model_config = model_config(cfg)
-        self.cuda = use_cuda(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-        self.layout = layout_for(cfg, self.model_config, self.rank, self.world)
-        grad_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.layout.dp)
+        mc = self.model_config
+        self.layout = make_layout(self.world, self.rank, cfg.parallel.pp, cfg.parallel.ep, mc.num_hidden_layers,
+                                  mc.num_local_experts)
+        micro_batches_per_step(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.layout.dp)
         # Data before the engine: a bad path or tokenizer fails within seconds.
         self.data = self._build_data()
-        self.parts: EngineParts = build_engine(cfg, self.model_config, self.layout)
+        self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
+        self.parts: EngineParts = build_engine(cfg, mc, self.layout, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
         self.loader = self.data.train_loader(cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                              self.layout.dp_rank, self.layout.dp)
-        self.seq_len = cfg.data.seq_len
-        self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
-        self.flops_per_step = flops_per_token(self.model_config, self.seq_len) * self.tokens_per_step
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.flops_per_step = flops_per_token(mc, cfg.data.seq_len) * self.tokens_per_step
         self.peak = peak_tflops(cfg, self.cuda, precision(cfg) == "bf16")
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +86,10 @@ class Trainer:
         self.metrics.print(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                            f"| micro-batches per step {self.parts.grad_accumulation} | precision {precision(cfg)} "
                            f"| run dir {self.run_dir}")
-        self.checkpoint = CheckpointManager(self)
+        self.checkpoint = CheckpointManager(
+            cfg, self.run_dir, module=self.parts.module, global_names=self.parts.global_names,
+            optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
+            train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine)
         return self
 
     def _build_data(self):
@@ -87,71 +107,71 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg = self.cfg
         rows = []
-        self.step = self.checkpoint.resume()
-        self.tokens = self.step * self.tokens_per_step
-        self.metrics.set_start(self.step)
+        self.checkpoint.resume()
+        self.metrics.set_start(self.state.step)
         stop = False
-        while self.step < cfg.train.max_steps and not stop:
+        while self.state.step < cfg.train.max_steps and not stop:
             row = self.train_step()
-            if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps):
+            if cfg.train.eval_every and (self.state.step % cfg.train.eval_every == 0
+                                         or self.state.step == cfg.train.max_steps):
                 row["eval_loss"] = self.evaluate()
             self.metrics.log(row)
             rows.append(row)
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:  # before any save: keep the last good one
                 raise JetMoEError(
                     f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
-                    f"{self.step}); lower train.lr or check the data. The last checkpoint is untouched")
-            self.checkpoint.after_step(self.step)
-            stop = self.checkpoint.should_stop()
-        self.checkpoint.finish(self.step)
+                    f"{self.state.step}); lower train.lr or check the data. The last checkpoint is untouched")
+            self.checkpoint.after_step(self.state.step)
+            stop = self.checkpoint.should_stop(self.state.step)
+        self.checkpoint.finish(self.state.step)
         return rows
 
     def train_step(self) -> dict:
-        cfg = self.cfg
-        engine = self.engine
+        """One optimizer step: forward, backward and update over this rank's micro-batches (the pipeline's
+        1F1B schedule), then the objective and router statistics of the whole global batch."""
+        engine, mc = self.engine, self.model_config
         batches = _pipe_batches(self.loader.next_step(), self.device)
-        self.parts.tracker.reset()
         lr = engine.get_lr()[0]
         skipped_before = engine.skipped_steps
+        self.routers.reset()
         t0 = time.perf_counter()
-        lm_loss = float(engine.train_batch(data_iter=iter(batches)))
-        stats = self.parts.tracker.reduce(self.device)
+
+        lm_loss = float(engine.train_batch(data_iter=iter(batches)))  # mean over micro-batches and dp
+        routers = self.routers.reduce(self.device)  # each router's losses: mean per micro-batch, all ranks
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+
+        aux = aux_loss(routers.balance_loss, routers.z_loss, mc.aux_loss_coef, mc.z_loss_coef)
         skipped = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss)
-        self.step += 1
-        self.tokens += self.tokens_per_step
-        self.skipped_total += int(skipped)
+        self.state.step += 1
+        self.state.skipped_total += int(skipped)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
-        mc = self.model_config
-        balance, z = stats.balance_loss, stats.z_loss
-        aux = mc.aux_loss_coef * balance + mc.z_loss_coef * z
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         tflops = self.flops_per_step / elapsed / self.world / 1e12
         row = {
-            "step": self.step,
+            "step": self.state.step,
             "lm_loss": lm_loss,
             "aux_loss": aux,
-            "balance_loss": balance,
-            "z_loss": z,
+            "balance_loss": routers.balance_loss,
+            "z_loss": routers.z_loss,
             "loss": lm_loss + aux,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
-            "tokens": self.tokens,
+            "tokens": self.state.step * self.tokens_per_step,
             "tokens_per_sec": self.tokens_per_step / elapsed,
             "step_time_s": elapsed,
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak if self.peak else None,
             "skipped": skipped,
-            "skipped_total": self.skipped_total,
+            "skipped_total": self.state.skipped_total,
             "mem_static_mib": self.mem_static_mib,
             **peak_memory_mib(self.cuda),
         }
-        every = cfg.logging.router_every
-        if every and (self.step % every == 0 or self.step == 1):
-            row["router"] = stats.per_layer()
+        every = self.cfg.logging.router_every
+        if every and (self.state.step % every == 0 or self.state.step == 1):
+            row["router"] = routers.per_layer()
         return row
 
     @torch.no_grad()

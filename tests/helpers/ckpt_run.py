@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.launch_util import free_port, metrics  # noqa: F401  (metrics: re-exported for the tests)
+from helpers.launch_util import free_port, metrics  # noqa: F401  (metrics: re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32", "train.eval_every=0",

@@ -27,8 +27,9 @@ class WholeModel(nn.Module):
         self.records = []
 
     def forward(self, input_ids):
-        logits = self.model.lm_head(self.model.model(input_ids))
-        balance, z = sum_router_losses(self.model)
+        hidden, router_losses = self.model.model(input_ids)
+        logits = self.model.lm_head(hidden)
+        balance, z = sum_router_losses(router_losses.values())
         cfg = self.model.config
         self.records.append(torch.stack([balance.detach(), z.detach()]))
         return logits, cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
@@ -77,7 +78,7 @@ def run(rank, world, ep, steps, wiring, out_path):
     if wiring == "no_engine_hook":
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     else:
-        with expert_parallel_engine():
+        with expert_parallel_engine(module):
             engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
 
     losses = []

@@ -1,17 +1,12 @@
 """Run a function on N gloo CPU ranks (torch.multiprocessing.spawn) for the expert-parallel tests."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers.launch_util import free_port
 
 
 def _entry(rank, world, port, fn, args):

@@ -12,7 +12,8 @@ import socket
 import torch
 
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, causal_lm_loss, shift_labels
-from jetmoe.parallel.pipeline import StageContext, build_pipeline
+from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from jetmoe.parallel.pipeline import BlockStage, build_pipeline
 from jetmoe.parallel.topology import deepspeed_topology, make_layout
 from jetmoe.training.router_stats import RouterTracker
 
@@ -29,8 +30,7 @@ def main() -> None:
                                  intermediate_size=64, num_hidden_layers=3, vocab_size=256)
     layout = make_layout(1, 0, 1, 1, config.num_hidden_layers, config.num_local_experts)
     tracker = RouterTracker(config.num_hidden_layers, config.num_local_experts)
-    ctx = StageContext(grad_scale=1.0)
-    stage = build_pipeline(config, layout, deepspeed_topology(layout), "uniform", 7, tracker, ctx)
+    stage = build_pipeline(config, layout, deepspeed_topology(layout), "uniform", 7, on_router_loss=tracker.record)
     ref = JetMoEForCausalLM(config)
     params = dict(stage.named_parameters())
     state = {stage.global_names[n]: p.detach() for n, p in params.items()}
@@ -57,10 +57,11 @@ def main() -> None:
     # torch may stop a recompute early, so count entries, not completions).
     grads_before = {n: p.grad.clone() for n, p in params.items()}
     stage.zero_grad()
-    ctx.checkpointing = True
+    blocks = [m.block for m in stage.modules() if isinstance(m, BlockStage)]
+    apply_activation_checkpointing(blocks)
     calls = []
-    blocks = [m.block for m in stage.modules() if hasattr(m, "block")]
-    hooks = [b.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
+    # the block's first layer runs once in forward and once more in the recompute
+    hooks = [b.input_layernorm.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
     causal_lm_loss(stage((ids, pos)), shift_labels(ids)).backward()
     for h in hooks:
         h.remove()

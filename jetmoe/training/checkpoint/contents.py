@@ -23,7 +23,10 @@ import torch
 
 from jetmoe.errors import JetMoEError
 from jetmoe.training.checkpoint import rng
-from jetmoe.training.checkpoint.store import CheckpointReader, CheckpointWriter, tensor_index
+from jetmoe.model.hf_io import shard_by_bytes
+from jetmoe.parallel.topology import Layout
+from jetmoe.training.checkpoint.folders import CheckpointReader
+from jetmoe.training.checkpoint.store import CheckpointWriter, tensor_index
 from jetmoe.training.checkpoint.tensors import (
     OPTIMIZER_KEYS,
     access_for,
@@ -38,26 +41,6 @@ MODEL_INDEX = "model.safetensors.index.json"
 OPTIMIZER_INDEX = "optimizer/index.json"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.json"
-
-
-@dataclass
-class Place:
-    """Where this rank sits: its pipeline stage and data-parallel rank (DeepSpeed's topology)."""
-
-    stage: int = 0
-    dp_rank: int = 0
-    rank: int = 0
-    world: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1
-
-    @classmethod
-    def of(cls, layout) -> "Place":
-        return cls(layout.stage, layout.dp_rank, layout.rank, layout.world, layout.pp, layout.dp, layout.ep)
-
-    def describe(self) -> dict:
-        return {"world": self.world, "pp": self.pp, "dp": self.dp, "ep": self.ep}
 
 
 @dataclass
@@ -84,41 +67,33 @@ SHARD_BYTES = 2 << 30  # bounds the writer's host memory: one shard gathered (an
 
 def _write_sharded(writer, stem: str, owned, access, key, is_writer: bool, shard_bytes: int, metadata=None) -> None:
     """Gather whole tensors in module order (collective) and write them as <stem>.safetensors,
-    <stem>-part1.safetensors, ... each at most ~shard_bytes."""
-    part, size, index = {}, 0, 0
-
-    def flush():
-        nonlocal part, size, index
+    <stem>-part1.safetensors, ... each at most ~shard_bytes (one shard in host memory at a time)."""
+    fp32_bytes = [(i, 4 * e.param.numel() * e.ep_size) for i, e in enumerate(owned)]
+    for index, members in enumerate(shard_by_bytes(fp32_bytes, shard_bytes)):
+        part = {}
+        for i in members:
+            whole = gather_whole(owned[i], access, key)
+            if is_writer:
+                part[owned[i].name] = whole.cpu()
         if is_writer and part:
             writer.write_tensors(f"{stem}{f'-part{index}' if index else ''}.safetensors", part, metadata)
-        part, size, index = {}, 0, index + 1
-
-    for e in owned:
-        whole = gather_whole(e, access, key)
-        if not is_writer:
-            continue
-        nbytes = whole.numel() * whole.element_size()
-        if part and size + nbytes > shard_bytes:
-            flush()
-        part[e.name] = whole.cpu()
-        size += nbytes
-    flush()
 
 
-def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: TrainingState, place: Place,
-          model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES) -> None:
-    """Every rank calls this (collectives inside); then writer.commit()."""
+def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: TrainingState, layout: Layout,
+          model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+    """Every rank calls this (collectives inside). Returns the JSON files that rank 0 writes at
+    commit (name -> object, or a function of all ranks' file records): pass them to writer.commit()."""
     access = access_for(optimizer)
     owned = [e for e in entries(module, _name_fn(global_names)) if not getattr(e.param, "ds_pipe_replicated", False)]
-    is_writer = place.dp_rank == 0
-    tag = f"pp{place.stage:02d}"
+    is_writer = layout.dp_rank == 0
+    tag = f"pp{layout.stage:02d}"
 
     _write_sharded(writer, f"model-{tag}", owned, access, None, is_writer, shard_bytes, {"format": "pt"})
     if optimizer is not None:
         for key in OPTIMIZER_KEYS:
             _write_sharded(writer, f"optimizer/{key}-{tag}", owned, access, key, is_writer, shard_bytes)
     tensors, meta = rng.capture()
-    writer.write_tensors(f"rng/rank{place.rank:05d}.safetensors", tensors, meta)
+    writer.write_tensors(f"rng/rank{layout.rank:05d}.safetensors", tensors, meta)
 
     opt_step = optimizer_step(access) if optimizer is not None else 0
     inner = access.inner() if optimizer is not None else None
@@ -130,10 +105,10 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "data": state.loader.state_dict() if state.loader is not None else None,
         "extra": state.extra,
-        "layout": place.describe(),
+        "layout": layout.as_dict(),
         "config": state.config,
     }
-    writer.extra = {
+    files = {
         MODEL_INDEX: lambda records: {
             "metadata": {"total_size": _total(records, "model-")},
             "weight_map": tensor_index(records, "model-"),
@@ -146,7 +121,8 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
     if model_config is not None:
         from jetmoe.model.hf_io import config_to_hf_dict
 
-        writer.extra[CONFIG] = config_to_hf_dict(model_config, torch.float32)
+        files[CONFIG] = config_to_hf_dict(model_config, torch.float32)
+    return files
 
 
 def _total(records, prefix: str) -> int:
@@ -168,17 +144,17 @@ def _jsonable(obj):
     return str(obj)
 
 
-def save(root, step: int, module, optimizer, state: TrainingState, place: Place, *, model_config=None,
-         global_names=None, keep: int = 0, comm=None, shard_bytes: int = SHARD_BYTES) -> Path:
+def save(root, step: int, module, optimizer, state: TrainingState, layout: Layout = Layout.SINGLE, *,
+         model_config=None, global_names=None, keep: int = 0, comm=None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write and commit one checkpoint under `root`. Collective. Raises JetMoEError (on every rank) when
     any rank could not write; older checkpoints and `latest` are then untouched."""
     writer = CheckpointWriter(root, step, comm)
-    write(writer, module, optimizer, state, place, model_config, global_names, shard_bytes)
-    return writer.commit(writer.extra, keep=keep)
+    files = write(writer, module, optimizer, state, layout, model_config, global_names, shard_bytes)
+    return writer.commit(files, keep=keep)
 
 
-def read_into(folder, module, optimizer, state: TrainingState, place: Place, *, global_names=None,
-              restore_rng: bool = True, load_optimizer: bool = True) -> dict:
+def read_into(folder, module, optimizer, state: TrainingState, layout: Layout = Layout.SINGLE, *,
+              global_names=None) -> dict:
     """Load a verified checkpoint folder into this rank's module / optimizer / scheduler / loader.
     Works for any (pp, dp, ep) of the saving run. Returns trainer_state.json."""
     reader = CheckpointReader(folder)
@@ -186,7 +162,7 @@ def read_into(folder, module, optimizer, state: TrainingState, place: Place, *, 
     weight_map = reader.json(MODEL_INDEX)["weight_map"]
     optim_maps = reader.json(OPTIMIZER_INDEX) if reader.has(OPTIMIZER_INDEX) else {}
     access = access_for(optimizer)
-    with_optimizer = optimizer is not None and load_optimizer
+    with_optimizer = optimizer is not None
     if with_optimizer:
         if set(optim_maps) != set(OPTIMIZER_KEYS):
             raise JetMoEError(f"{folder} holds no optimizer state; start from it with model.init_from={folder}")
@@ -205,8 +181,8 @@ def read_into(folder, module, optimizer, state: TrainingState, place: Place, *, 
             _load_scheduler(state.scheduler, trainer_state["scheduler"])
     if state.loader is not None and trainer_state.get("data") is not None:
         state.loader.load_state_dict(trainer_state["data"])
-    rng_file = f"rng/rank{place.rank:05d}.safetensors"
-    if restore_rng and trainer_state["layout"].get("world") == place.world and reader.has(rng_file):
+    rng_file = f"rng/rank{layout.rank:05d}.safetensors"
+    if trainer_state["layout"].get("world") == layout.world and reader.has(rng_file):
         from safetensors import safe_open
 
         with safe_open(str(reader.folder / rng_file), framework="pt") as f:

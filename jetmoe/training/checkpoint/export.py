@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from jetmoe.errors import JetMoEError
-from jetmoe.training.checkpoint import store
+from jetmoe.training.checkpoint.folders import CheckpointReader, resolve
 from jetmoe.training.checkpoint.contents import MODEL_INDEX
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -27,7 +27,7 @@ def _layer_order(name: str):
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_size="5GB",
               log=print) -> Path:
-    from jetmoe.model.hf_io import config_to_hf_dict, parse_size, read_config
+    from jetmoe.model.hf_io import config_to_hf_dict, parse_size, read_config, shard_by_bytes
 
     if dtype not in DTYPES:
         raise JetMoEError(f"--dtype {dtype} is unknown; use bf16 or fp32")
@@ -35,22 +35,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise JetMoEError(f"{out} exists and is not empty; choose a new output folder")
-    folder = store.resolve(str(checkpoint), None, log=log)
+    folder = resolve(str(checkpoint), None, log=log)
     config = read_config(folder)
-    reader = store.CheckpointReader(folder)
+    reader = CheckpointReader(folder)
+    step = reader.step
     weight_map = reader.json(MODEL_INDEX)["weight_map"]
     names = sorted(weight_map, key=_layer_order)
 
-    limit = parse_size(max_shard_size)
     itemsize = torch.tensor([], dtype=torch_dtype).element_size()
-    shards, size = [[]], 0
-    for name in names:
-        nbytes = itemsize * int(torch.Size(reader.shape(weight_map[name], name)).numel())
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    numel = {n: int(torch.Size(reader.shape(weight_map[n], n)).numel()) for n in names}
+    shards = shard_by_bytes(((n, itemsize * numel[n]) for n in names), parse_size(max_shard_size))
 
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -75,7 +69,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         raise JetMoEError(f"could not write {out}: {e.strerror or e}; free space or choose another folder") from None
     finally:
         reader.close()
-    params = sum(int(torch.Size(reader.shape(weight_map[n], n)).numel()) for n in names)
-    log(f"exported {folder} (step {reader.step}) to {out}: {params:,} parameters, {dtype}, "
+    params = sum(numel.values())
+    log(f"exported {folder} (step {step}) to {out}: {params:,} parameters, {dtype}, "
         f"{len(shards)} shard(s), {total / 2**20:.1f} MiB")
     return out

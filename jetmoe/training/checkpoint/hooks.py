@@ -1,5 +1,9 @@
-"""The trainer's checkpoint hooks: `CheckpointManager(trainer)` with resume / after_step /
-should_stop / finish (the protocol in jetmoe/training/trainer.py).
+"""The trainer's checkpoint hooks: `CheckpointManager(...)` with resume / after_step / should_stop / finish.
+
+It receives the objects it saves (torchtitan's CheckpointManager style): the stage module and its name
+map, the optimizer, the scheduler, the data loader, a `train_state` with state_dict/load_state_dict
+(the trainer's counters, `step` among them) and, optionally, the DeepSpeed engine whose step counters
+travel with the checkpoint.
 
 Config: checkpoint.every (0 = only on a stop signal), checkpoint.dir (None = <run dir>/checkpoints),
 checkpoint.resume=auto|none|PATH, checkpoint.keep, model.init_from=PATH (a transformers directory).
@@ -10,67 +14,57 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from jetmoe.data.config import resolve_user_path
 from jetmoe.errors import JetMoEError
-from jetmoe.training.checkpoint import contents, store
+from jetmoe.parallel.topology import Layout
+from jetmoe.training.checkpoint import contents, folders, store
 from jetmoe.training.checkpoint.signals import StopSignal
 
-
-def _absolute(path: str) -> Path:
-    try:
-        from hydra.utils import to_absolute_path
-
-        return Path(to_absolute_path(path))
-    except (ImportError, ValueError):  # no Hydra app running
-        return Path(path).absolute()
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the PipelineEngine's own step counters
 
 
 class CheckpointManager:
-    def __init__(self, trainer) -> None:
-        self.trainer = trainer
-        self.cfg = trainer.cfg
-        ck = self.cfg.checkpoint
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, module, global_names: dict[str, str], optimizer,
+                 scheduler, loader, train_state, layout: Layout, model_config, engine=None) -> None:
+        self.cfg = cfg
+        self.module, self.global_names = module, global_names
+        self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
+        self.train_state, self.engine = train_state, engine
+        self.layout, self.model_config = layout, model_config
+        ck = cfg.checkpoint
         self.every = int(ck.every or 0)
         self.keep = int(ck.keep or 0)
         self.comm = store.default_comm()
-        root = _absolute(ck.dir) if ck.dir else Path(trainer.run_dir) / "checkpoints"
+        root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
         self.last_saved: int | None = None
         self.signal = StopSignal()
 
-    # ----------------------------------------------------------------------------------------- helpers
     def _print(self, text: str) -> None:
         if self.comm.rank == 0:
             print(text, flush=True)
 
-    def _training_state(self, step: int) -> contents.TrainingState:
-        from omegaconf import OmegaConf
-
-        t, engine = self.trainer, self.trainer.engine
-        extra = {
-            "global_steps": int(getattr(engine, "global_steps", 0)),
-            "global_samples": int(getattr(engine, "global_samples", 0)),
-            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-            "skipped_total": int(getattr(t, "skipped_total", 0)),
-        }
-        return contents.TrainingState(step=step, scheduler=getattr(engine, "lr_scheduler", None), loader=t.loader,
+    def _contents_state(self, step: int) -> contents.TrainingState:
+        extra = dict(self.train_state.state_dict())
+        extra.pop("step", None)
+        if self.engine is not None:
+            extra.update({key: int(getattr(self.engine, key)) for key in ENGINE_COUNTERS})
+        return contents.TrainingState(step=step, scheduler=self.scheduler, loader=self.loader,
                                       config=OmegaConf.to_container(self.cfg, resolve=True), extra=extra)
-
-    def _module(self):
-        return self.trainer.parts.module
-
-    def _names(self):
-        return self.trainer.parts.global_names
 
     # ------------------------------------------------------------------------------------------ hooks
     def resume(self) -> int:
-        t = self.trainer
+        """Load the checkpoint that checkpoint.resume names (or model.init_from's weights); returns the
+        optimizer steps already done (0 for a fresh start)."""
         spec = str(self.cfg.checkpoint.resume)
         if spec.lower() not in ("auto", "none") and not spec.startswith("/"):
-            spec = str(_absolute(spec))
+            spec = str(resolve_user_path(spec))
         found, problem = None, None
         if self.comm.rank == 0:
             try:
-                found = store.resolve(spec, self.root, log=self._print)
+                found = folders.resolve(spec, self.root, log=self._print)
             except JetMoEError as e:
                 problem = str(e)
         found, problem = self.comm.broadcast((str(found) if found else None, problem))
@@ -80,35 +74,32 @@ class CheckpointManager:
         if found is None:
             if init_from:
                 started = time.perf_counter()
-                contents.read_weights_into(_absolute(init_from), self._module(), t.engine.optimizer,
-                                           global_names=self._names())
+                contents.read_weights_into(resolve_user_path(init_from), self.module, self.optimizer,
+                                           global_names=self.global_names)
                 self._print(f"checkpoint: initialised weights from {init_from} ({time.perf_counter() - started:.1f}s)")
             return 0
         started = time.perf_counter()
-        state = self._training_state(0)
-        trainer_state = contents.read_into(found, self._module(), t.engine.optimizer, state,
-                                           contents.Place.of(t.layout), global_names=self._names())
-        extra = trainer_state.get("extra") or {}
-        engine = t.engine
-        for key in ("global_steps", "global_samples", "skipped_steps"):
-            if key in extra and hasattr(engine, key):
-                setattr(engine, key, extra[key])
-        if "skipped_total" in extra:
-            t.skipped_total = extra["skipped_total"]
+        state = self._contents_state(0)
+        saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
+                                   global_names=self.global_names)
+        extra = saved.get("extra") or {}
+        if self.engine is not None:
+            for key in ENGINE_COUNTERS:
+                if key in extra:
+                    setattr(self.engine, key, extra[key])
+        self.train_state.load_state_dict({**extra, "step": state.step})
         self.last_saved = state.step
-        saved_layout = trainer_state.get("layout", {})
-        now = contents.Place.of(t.layout).describe()
+        saved_layout, now = saved.get("layout", {}), self.layout.as_dict()
         moved = "" if saved_layout == now else f" (saved with {saved_layout}, now {now})"
         self._print(f"checkpoint: resumed from {found} at step {state.step}{moved} "
                     f"({time.perf_counter() - started:.1f}s)")
         return state.step
 
     def save(self, step: int) -> Path:
-        t = self.trainer
         started = time.perf_counter()
-        folder = contents.save(self.root, step, self._module(), t.engine.optimizer, self._training_state(step),
-                               contents.Place.of(t.layout), model_config=t.model_config,
-                               global_names=self._names(), keep=self.keep, comm=self.comm)
+        folder = contents.save(self.root, step, self.module, self.optimizer, self._contents_state(step), self.layout,
+                               model_config=self.model_config, global_names=self.global_names, keep=self.keep,
+                               comm=self.comm)
         self.last_saved = step
         if self.comm.rank == 0:
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -120,12 +111,13 @@ class CheckpointManager:
         if self.every and step % self.every == 0:
             self.save(step)
 
-    def should_stop(self) -> bool:
+    def should_stop(self, step: int) -> bool:
+        """True once any rank received a stop signal; the step is then saved first (collective)."""
         if not self.signal.requested():
             return False
-        self._print(f"checkpoint: {self.signal.name()} received; stopping after step {self.trainer.step}")
-        if self.last_saved != self.trainer.step:
-            self.save(self.trainer.step)
+        self._print(f"checkpoint: {self.signal.name()} received; stopping after step {step}")
+        if self.last_saved != step:
+            self.save(step)
         return True
 
     def finish(self, step: int) -> None:

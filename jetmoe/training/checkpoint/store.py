@@ -8,7 +8,7 @@ manifest, or whose files do not match it, is not a checkpoint. Killing any proce
 therefore leaves the previous checkpoint, and `latest` pointing at it, untouched.
 
 Collectives go through a tiny `Comm` (rank, barrier, gather, broadcast) so this file runs without
-torch.distributed in unit tests.
+torch.distributed in unit tests. Finding, verifying, pruning and reading committed folders: `folders`.
 """
 
 from __future__ import annotations
@@ -17,32 +17,15 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from jetmoe.errors import JetMoEError
+from jetmoe.training.checkpoint.folders import FORMAT, LATEST, MANIFEST, VERSION, prune, read_latest, step_dir_name
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-FORMAT = "jetmoe-checkpoint"
-VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,7 +131,6 @@ class CheckpointWriter:
         self.staging = self.root / f".{step_dir_name(self.step)}.partial"
         self.records: list[FileRecord] = []
         self.error: str | None = None
-        self.extra: dict[str, Any] = {}  # JSON files rank 0 writes at commit (name -> object or f(records))
         problem = None
         if self.comm.rank == 0:
             try:
@@ -171,11 +153,6 @@ class CheckpointWriter:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         data = save(tensors, metadata=metadata)
         self._write(name, data, sorted(tensors))
-
-    def write_json(self, name: str, obj: Any) -> None:
-        if self.error:
-            return
-        self._write(name, _json_bytes(obj), [])
 
     def _write(self, name: str, data: bytes, tensors: list[str]) -> None:
         path = self.staging / name
@@ -260,148 +237,3 @@ def tensor_index(records: Iterable[FileRecord], prefix: str) -> dict[str, str]:
     return {t: r.name for r in records if r.name.startswith(prefix) for t in r.tensors}
 
 
-# ------------------------------------------------------------------------------- finding, verifying
-def read_latest(root: str | Path) -> str | None:
-    try:
-        return (Path(root) / LATEST).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Folders with a manifest (committed), newest step first. Not yet verified."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and (child / MANIFEST).is_file():
-            found.append((int(m.group(1)), child))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def load_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise JetMoEError(f"{folder} is not a complete checkpoint (no {MANIFEST}); pass a step folder written by training")
-    except (OSError, ValueError) as e:
-        raise JetMoEError(f"{path} is unreadable ({e}); pass another checkpoint")
-    if manifest.get("format") != FORMAT:
-        raise JetMoEError(f"{path} is not a jetmoe checkpoint manifest; pass a step folder written by training")
-    return manifest
-
-
-def verify(folder: str | Path, hashes: bool = True) -> list[str]:
-    """Problems found (empty = intact): missing, truncated or altered files, each named."""
-    folder = Path(folder)
-    try:
-        manifest = load_manifest(folder)
-    except JetMoEError as e:
-        return [str(e)]
-    problems = []
-    for name, meta in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-            continue
-        size = path.stat().st_size
-        if size != meta["size"]:
-            problems.append(f"{path} is truncated or altered ({size} bytes, manifest says {meta['size']})")
-        elif hashes and sha256_file(path) != meta["sha256"]:
-            problems.append(f"{path} is altered (sha256 differs from the manifest)")
-    return problems
-
-
-def resolve(spec: str | None, root: str | Path | None, hashes: bool = True, log=print) -> Path | None:
-    """The checkpoint folder to resume from, verified.
-
-    spec: "none" -> None; "auto" -> newest intact checkpoint under root (None if there is none; a damaged
-    one is reported and skipped); a path -> that step folder, or the newest intact one under a root folder
-    (a damaged explicit step folder is an error naming the file)."""
-    spec = "none" if spec is None else str(spec)
-    if spec.lower() in ("none", "false", "no", ""):
-        return None
-    if spec.lower() == "auto":
-        return _newest_intact(Path(root), hashes, log) if root is not None else None
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise JetMoEError(f"checkpoint.resume={spec}: no such folder; pass a checkpoint folder, 'auto' or 'none'")
-    if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
-        problems = verify(path, hashes)
-        if problems:
-            raise JetMoEError(f"checkpoint {path} is damaged: {problems[0]}; pass an earlier checkpoint")
-        return path
-    found = _newest_intact(path, hashes, log)
-    if found is None:
-        raise JetMoEError(f"checkpoint.resume={spec}: no complete checkpoint in that folder; pass a step folder")
-    return found
-
-
-def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
-    latest = read_latest(root)
-    candidates = list_checkpoints(root)
-    if latest and not (root / latest / MANIFEST).is_file():
-        log(f"checkpoint: 'latest' names {latest}, which is not a complete checkpoint; looking for older ones")
-    for i, folder in enumerate(candidates):
-        problems = verify(folder, hashes)
-        if not problems:
-            return folder
-        nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
-        then = f"falling back to {nxt}" if nxt else "no older checkpoint to fall back to"
-        log(f"checkpoint: {folder.name} is damaged ({'; '.join(problems)}); {then}")
-    return None
-
-
-def prune(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` committed checkpoints (keep <= 0: keep all) and stale staging folders."""
-    root = Path(root)
-    removed = []
-    if keep > 0:
-        for folder in list_checkpoints(root)[keep:]:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    for child in root.iterdir() if root.is_dir() else []:
-        if child.name.startswith(".step_") and child.name.endswith((".partial", ".old")):
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-    return removed
-
-
-# ------------------------------------------------------------------------------------------- reading
-class CheckpointReader:
-    """Lazy access to a committed checkpoint's tensors and JSON files."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
-        self.step = int(self.manifest["step"])
-        self._handles: dict[str, Any] = {}
-
-    def json(self, name: str) -> Any:
-        return json.loads((self.folder / name).read_text())
-
-    def has(self, name: str) -> bool:
-        return name in self.manifest["files"]
-
-    def _open(self, file: str):
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt")
-        return self._handles[file]
-
-    def tensor(self, file: str, key: str, rows: slice | None = None):
-        """A tensor, or only rows [start:stop] of its first dim (an expert shard) without reading the rest."""
-        handle = self._open(file)
-        if rows is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[rows.start : rows.stop]
-
-    def shape(self, file: str, key: str) -> list[int]:
-        return self._open(file).get_slice(key).get_shape()
-
-    def close(self) -> None:
-        self._handles.clear()

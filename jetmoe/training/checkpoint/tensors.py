@@ -32,9 +32,10 @@ def expert_group_of(param) -> tuple[object | None, int, int]:
     if getattr(param, "allreduce", True) or not getattr(param, "group_name", None):
         return None, 0, 1
     import torch.distributed as dist
-    from deepspeed.utils import groups
 
-    group = groups._get_expert_parallel_group(param.group_name)
+    from jetmoe.parallel.deepspeed_internals import expert_parallel_group
+
+    group = expert_parallel_group(param.group_name)
     size = dist.get_world_size(group)
     return (group, dist.get_rank(group), size) if size > 1 else (None, 0, 1)
 
@@ -105,11 +106,9 @@ class ZeroAccess(TorchAccess):
             self._relink()
 
     def _relink(self) -> None:
-        # DeepSpeed links its per-parameter views of the Adam state right after stepping the FIRST param
-        # group, before the other groups have any state, and never again: parameters of later groups
-        # would report "exp_avg not found". Linking again once every group has state fixes the views.
-        self.zero._hp_optimizer_states_linked = False
-        self.zero._lazy_init_hp_params_optimizer_state()
+        from jetmoe.parallel.deepspeed_internals import relink_optimizer_state
+
+        relink_optimizer_state(self.zero)
 
     def get(self, param, key):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state

@@ -1,0 +1,139 @@
+"""Every use of a private DeepSpeed name, in one place.
+
+DeepSpeed's internals change between releases; `pyproject.toml` pins the range these were checked on,
+and tests/test_deepspeed_internals.py fails with the name and the range when one of them moves. Each is
+needed for a reason that its docstring gives; nothing else in jetmoe touches an underscored DeepSpeed name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+TESTED_RANGE = ">=0.19.8,<0.20"  # keep in step with pyproject.toml's deepspeed pin
+
+# (module, class or None, name) of every private name used below; checked by missing_private_names().
+PRIVATE_NAMES = (
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_partition_layers"),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_set_bounds"),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_synchronize_tied_weights"),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_layer_specs"),  # set in __init__
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_topo"),  # set in __init__
+    ("deepspeed.utils.groups", None, "_create_expert_and_data_parallel"),
+    ("deepspeed.utils.groups", None, "_get_expert_parallel_group"),
+    ("deepspeed.utils.groups", None, "_get_expert_parallel_group_dict"),
+    ("deepspeed.runtime.engine", "DeepSpeedEngine", "_configure_distributed_model"),
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_lazy_init_hp_params_optimizer_state"),
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_hp_optimizer_states_linked"),  # set in __init__
+)
+
+
+def missing_private_names() -> list[str]:
+    """The private names that the installed DeepSpeed lacks (empty when all are there). A name that
+    DeepSpeed sets on the instance counts as present when the class's own source assigns it."""
+    import importlib
+    import inspect
+
+    missing = []
+    for module_name, cls_name, name in PRIVATE_NAMES:
+        owner = importlib.import_module(module_name)
+        if cls_name is not None:
+            owner = getattr(owner, cls_name, None)
+        present = owner is not None and (
+            hasattr(owner, name) or (inspect.isclass(owner) and f"self.{name} =" in inspect.getsource(owner)))
+        if not present:
+            missing.append(f"{module_name}.{cls_name + '.' if cls_name else ''}{name}")
+    return missing
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+def _pipeline_module_class():
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    class BlockCountPipelineModule(PipelineModule):
+        """A PipelineModule whose stage boundaries are given as blocks per stage.
+
+        DeepSpeed's own partition methods count layers, not blocks: the first stage must also hold the
+        embedding and the last the norm and head, whatever the split. `_partition_layers` is the only
+        hook that decides the boundaries before the stage's layers are built.
+        """
+
+        def __init__(self, block_counts: list[int], **kwargs):
+            self._block_counts = list(block_counts)
+            super().__init__(partition_method="uniform", **kwargs)
+
+        def _partition_layers(self, method="uniform"):
+            parts = [0]
+            for s, c in enumerate(self._block_counts):
+                parts.append(parts[-1] + c + (1 if s == 0 else 0))
+            parts[-1] = len(self._layer_specs)  # the last stage also takes the norm and the head
+            self.parts = parts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+        def _synchronize_tied_weights(self):
+            # DeepSpeed broadcasts the tied weight with grad mode on, which records c10d::broadcast_ into the
+            # parameter's autograd history (torch warns at every backward); a copy needs no history.
+            with torch.no_grad():
+                super()._synchronize_tied_weights()
+
+    return BlockCountPipelineModule
+
+
+def BlockCountPipelineModule(block_counts: list[int], **kwargs):  # noqa: N802 (a class, built lazily)
+    """See the class docstring inside `_pipeline_module_class` (deepspeed is imported on first use)."""
+    return _pipeline_module_class()(block_counts, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- expert parallel
+def expert_parallel_group(group_name: str):
+    """DeepSpeed's expert-parallel group of that name (its registry has no public getter)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(group_name)
+
+
+def ensure_expert_groups(group_name: str, ep_size: int, pp_size: int) -> None:
+    """Build DeepSpeed's expert and expert-data groups once. Its public `create_expert_and_data_parallel`
+    path only runs inside its own MoE layer; the engine and ZeRO then look the groups up by name."""
+    from deepspeed.utils import groups
+
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size, pp_size=pp_size)
+
+
+@contextlib.contextmanager
+def engine_knows_expert_params(num_experts: list[int]):
+    """Within this context, DeepSpeed engines built for a module with expert-marked parameters set
+    `has_moe_layers`, so ZeRO and the engine reduce those gradients over the expert-data group.
+
+    DeepSpeed sets the flag only for its own MoE layer class (in `_configure_distributed_model`); without
+    it, gradients of experts that differ between ranks would be averaged across them."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._configure_distributed_model
+
+    def configure(self, model):
+        original(self, model)
+        expert = any(getattr(p, "allreduce", True) is False for p in model.parameters())
+        if expert and not self.has_moe_layers:
+            self.has_moe_layers = True
+            self.num_experts = num_experts
+
+    DeepSpeedEngine._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = original
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+def relink_optimizer_state(zero_optimizer) -> None:
+    """Make DeepSpeed's per-parameter views of the Adam state point at the current state tensors.
+
+    DeepSpeed links them right after stepping the FIRST param group, before the other groups have any
+    state, and never again: parameters of later groups would report "exp_avg not found" to
+    safe_get_full_optimizer_state. Linking again once every group has state fixes the views."""
+    zero_optimizer._hp_optimizer_states_linked = False
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
