@@ -28,7 +28,8 @@ def test_router_losses_match_paper_formulas_in_full_model():
     inputs = {}
     for name, module in model.named_modules():
         if isinstance(module, TopKRouter):
-            module.layer.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, out.detach()))
+            module.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(
+                name, (a[0].float() @ m.layer.weight.float().T).detach()))
     ids = torch.randint(0, config.vocab_size, (2, 17))
     out = model(ids, labels=ids)
     total_b = total_z = 0.0
@@ -79,11 +80,22 @@ def test_perfectly_balanced_routing_gives_balance_one():
 def test_gates_are_softmax_over_chosen_logits_in_fp32():
     router = TopKRouter(16, 6, 2).bfloat16()
     x = torch.randn(9, 16).bfloat16()
-    expert_ids, gates, _ = router(x)
-    logits = (x @ router.layer.weight.T).float()
+    expert_ids, gates, loss = router(x)
+    logits = x.float() @ router.layer.weight.float().T  # the matmul too runs in fp32
     torch.testing.assert_close(expert_ids, logits.topk(2).indices)
-    torch.testing.assert_close(gates, logits.topk(2).values.softmax(-1).bfloat16())
-    assert gates.dtype == torch.bfloat16
+    torch.testing.assert_close(gates, logits.topk(2).values.softmax(-1))
+    assert gates.dtype == torch.float32
+    torch.testing.assert_close(loss.z, torch.logsumexp(logits, -1).square().mean())
+
+
+def test_weighted_sum_over_slots_accumulates_in_fp32():
+    from jetmoe.model.moe import weighted_sum_over_slots
+
+    y = torch.randn(5, 3, 8).bfloat16()
+    gates = torch.rand(5, 3).softmax(-1)
+    out = weighted_sum_over_slots(y, gates)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (gates[..., None] * y.float()).sum(1).bfloat16())
 
 
 def test_local_dispatcher_groups_by_expert_and_restores_order():

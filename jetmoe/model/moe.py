@@ -29,8 +29,8 @@ class SparseLayer(nn.Module):
 
 
 def weighted_sum_over_slots(y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """sum_j gates[t, j] * y[t, j, :] for y [T, k, D], gates [T, k]."""
-    return torch.bmm(gates.unsqueeze(1), y).squeeze(1)
+    """sum_j gates[t, j] * y[t, j, :] for y [T, k, D], gates [T, k]: in fp32, returned in y's dtype."""
+    return torch.bmm(gates.float().unsqueeze(1), y.float()).squeeze(1).to(y.dtype)
 
 
 class MoE(SparseLayer):
