@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from jetmoe.model.attention import MoA
 from jetmoe.model.config import JetMoEConfig
 from jetmoe.model.experts import GroupedExperts
-from jetmoe.model.layers import RMSNorm, default_position_ids, document_mask, rotary_cos_sin
+from jetmoe.model.layers import RMSNorm, default_position_ids, rotary_cos_sin
+from jetmoe.model.masking import attention_mask
 from jetmoe.model.moe import MoE, SparseLayer
 from jetmoe.model.router import RouterLoss
 
@@ -41,10 +42,10 @@ class JetMoEBlock(nn.Module):
                        config.num_experts_per_tok)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        mask = attention_mask(position_ids, self.self_attention.document_mask)  # None position ids: causal
         if position_ids is None:
             position_ids = default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device)
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
-        mask = document_mask(position_ids)
         hidden = hidden + self.self_attention(self.input_layernorm(hidden), cos, sin, mask)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
