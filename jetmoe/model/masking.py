@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from jetmoe.errors import JetMoEError
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # torch without FlexAttention: the dense mask serves
@@ -80,7 +82,7 @@ def attention_mask(position_ids: torch.Tensor | None, mode: str = "auto", needs_
     """None (plain causal), a dense boolean mask or a FlexAttention BlockMask for these position ids."""
     global _last
     if mode not in MODES:
-        raise ValueError(f"document_mask={mode!r}; use one of {MODES}")
+        raise JetMoEError(f"document_mask={mode!r} is unknown; use one of {', '.join(MODES)}")
     if position_ids is None or mode == "off":
         return None
     if mode == "auto" and not bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any()):  # host sync
@@ -129,7 +131,7 @@ def set_document_mask(model: nn.Module, mode: str | bool) -> None:
 
     mode = {True: "on", False: "off"}.get(mode, mode)
     if mode not in MODES:
-        raise ValueError(f"document_mask={mode!r}; use one of {MODES}")
+        raise JetMoEError(f"document_mask={mode!r} is unknown; use one of {', '.join(MODES)}")
     for sub in model.modules():
         if isinstance(sub, MoA):
             sub.document_mask = mode
