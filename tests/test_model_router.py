@@ -140,3 +140,24 @@ def test_rotary_matches_rotate_half_reference():
     x1, x2 = x.chunk(2, -1)
     torch.testing.assert_close(apply_rotary(x, cos, sin), x * cos + torch.cat((-x2, x1), -1) * sin)
     assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
+
+
+def test_fp32_router_and_slot_sum_gradients_match_autograd():
+    """The custom backwards (which keep bf16 inputs, not fp32 copies) give autograd's gradients of the fp32 math."""
+    from jetmoe.model.moe import weighted_sum_over_slots
+    from jetmoe.model.router import _Fp32Linear
+
+    def grads(fn, ref, *inputs):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        out = fn(*inputs)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype)
+        ours = torch.autograd.grad(out, inputs, g)
+        refs = torch.autograd.grad(ref(*inputs), inputs, g.float())
+        for a, b in zip(ours, refs):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b)
+
+    x, w = torch.randn(7, 16).bfloat16(), torch.randn(5, 16).bfloat16()
+    grads(_Fp32Linear.apply, lambda x, w: torch.nn.functional.linear(x.float(), w.float()), x, w)
+    y, gates = torch.randn(7, 3, 4).bfloat16(), torch.rand(7, 3)
+    grads(weighted_sum_over_slots, lambda y, g: (g[..., None] * y.float()).sum(1), y, gates)
