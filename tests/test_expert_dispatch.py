@@ -4,6 +4,7 @@ forward and backward, on 2 gloo ranks with uneven (and empty) splits."""
 import torch
 import torch.distributed as dist
 
+from helpers.accumulating_ops import AccumulatingOps
 from helpers.expert_spawn import spawn
 from jetmoe.parallel.expert_dispatch import AllToAllDispatcher
 
@@ -53,7 +54,9 @@ def _worker(rank, world, tokens_per_rank):
     plan = d.plan(ids, E)
     y1 = d.combine(_grouped(d.dispatch(x, plan), w1_local, plan.tokens_per_local_expert), plan)
     y2 = d.combine(_grouped(d.dispatch(torch.tanh(y1), plan), w2_local, plan.tokens_per_local_expert), plan)
-    y2.backward(grad_out)
+    with AccumulatingOps() as mode:
+        y2.backward(grad_out)
+    assert mode.seen == [], mode.seen  # each token's k slot gradients are summed without atomics
 
     # Reference: one process, all experts, every rank's tokens.
     w1r, w2r = w1.clone().requires_grad_(), w2.clone().requires_grad_()

@@ -28,7 +28,8 @@ def test_router_losses_match_paper_formulas_in_full_model():
     inputs = {}
     for name, module in model.named_modules():
         if isinstance(module, TopKRouter):
-            module.layer.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, out.detach()))
+            module.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(
+                name, (a[0].float() @ m.layer.weight.float().T).detach()))
     ids = torch.randint(0, config.vocab_size, (2, 17))
     out = model(ids, labels=ids)
     total_b = total_z = 0.0
@@ -79,11 +80,22 @@ def test_perfectly_balanced_routing_gives_balance_one():
 def test_gates_are_softmax_over_chosen_logits_in_fp32():
     router = TopKRouter(16, 6, 2).bfloat16()
     x = torch.randn(9, 16).bfloat16()
-    expert_ids, gates, _ = router(x)
-    logits = (x @ router.layer.weight.T).float()
+    expert_ids, gates, loss = router(x)
+    logits = x.float() @ router.layer.weight.float().T  # the matmul too runs in fp32
     torch.testing.assert_close(expert_ids, logits.topk(2).indices)
-    torch.testing.assert_close(gates, logits.topk(2).values.softmax(-1).bfloat16())
-    assert gates.dtype == torch.bfloat16
+    torch.testing.assert_close(gates, logits.topk(2).values.softmax(-1))
+    assert gates.dtype == torch.float32
+    torch.testing.assert_close(loss.z, torch.logsumexp(logits, -1).square().mean())
+
+
+def test_weighted_sum_over_slots_accumulates_in_fp32():
+    from jetmoe.model.moe import weighted_sum_over_slots
+
+    y = torch.randn(5, 3, 8).bfloat16()
+    gates = torch.rand(5, 3).softmax(-1)
+    out = weighted_sum_over_slots(y, gates)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (gates[..., None] * y.float()).sum(1).bfloat16())
 
 
 def test_local_dispatcher_groups_by_expert_and_restores_order():
@@ -128,3 +140,24 @@ def test_rotary_matches_rotate_half_reference():
     x1, x2 = x.chunk(2, -1)
     torch.testing.assert_close(apply_rotary(x, cos, sin), x * cos + torch.cat((-x2, x1), -1) * sin)
     assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
+
+
+def test_fp32_router_and_slot_sum_gradients_match_autograd():
+    """The custom backwards (which keep bf16 inputs, not fp32 copies) give autograd's gradients of the fp32 math."""
+    from jetmoe.model.moe import weighted_sum_over_slots
+    from jetmoe.model.router import _Fp32Linear
+
+    def grads(fn, ref, *inputs):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        out = fn(*inputs)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype)
+        ours = torch.autograd.grad(out, inputs, g)
+        refs = torch.autograd.grad(ref(*inputs), inputs, g.float())
+        for a, b in zip(ours, refs):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b)
+
+    x, w = torch.randn(7, 16).bfloat16(), torch.randn(5, 16).bfloat16()
+    grads(_Fp32Linear.apply, lambda x, w: torch.nn.functional.linear(x.float(), w.float()), x, w)
+    y, gates = torch.randn(7, 3, 4).bfloat16(), torch.rand(7, 3)
+    grads(weighted_sum_over_slots, lambda y, g: (g[..., None] * y.float()).sum(1), y, gates)

@@ -45,6 +45,9 @@ def test_96xh100_experiment_is_the_papers_layout(capsys):
     assert s["tokens_per_day"] == pytest.approx(s["tokens_per_sec"] * 86400, rel=1e-6)
     assert sum(s["params_per_stage"]) == counts.total + counts.embedding  # the tied copy on the last stage
     assert s["warnings"] == []
+    from jetmoe.training.metrics import flops_per_token  # the trainer's MFU uses the planner's count
+    assert s["flops_per_token"] == flops_per_token(JetMoEConfig.preset("jetmoe_8b"), 4096)
+    assert round(s["flops_per_token"] / 1e9, 2) == 16.40  # causal attention counted as half
     for word in ("stage 0", "FLOPs/token", "all-to-all", "bubble", "tokens/day"):
         assert word in table
 

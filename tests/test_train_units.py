@@ -210,8 +210,21 @@ def test_parameter_count_behind_mfu_matches_the_model(preset):
     k_over_e = config.num_experts_per_tok / config.num_local_experts
     assert active == total - expert + expert * k_over_e
     seq = 128
-    attention = 12 * config.num_hidden_layers * seq * config.num_key_value_heads * config.kv_channels * config.num_experts_per_tok
+    # causal attention: half of QK^T + AV over all seq keys, forward (x1) and backward (x2)
+    attention = 3 * 2 * 2 * config.num_hidden_layers * seq * config.num_key_value_heads * config.kv_channels \
+        * config.num_experts_per_tok / 2
     assert flops_per_token(config, seq) == 6 * (active - counts.head) + attention
+
+
+def test_jetmoe_8b_flops_per_token_at_4096():
+    from jetmoe.plan.params import count_params
+    from jetmoe.training.metrics import flops_per_token
+
+    config = JetMoEConfig.preset("jetmoe_8b")
+    dense = 6 * count_params(config).flops_params
+    assert round(dense / 1e9, 2) == 13.99  # 6 x 2.33B active
+    assert round((flops_per_token(config, 4096) - dense) / 1e9, 2) == 2.42  # causal attention, Megatron's count
+    assert round(flops_per_token(config, 4096) / 1e9, 2) == 16.40
 
 
 def test_resumed_metrics_drop_rows_after_the_resumed_step(tmp_path):

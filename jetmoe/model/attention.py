@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from jetmoe.model.experts import GroupedExperts
 from jetmoe.model.layers import apply_rotary
+from jetmoe.model.masking import attend
 from jetmoe.model.moe import SparseLayer, weighted_sum_over_slots
 from jetmoe.model.router import RouterLoss, TopKRouter
 
@@ -31,6 +31,7 @@ class MoA(SparseLayer):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = dropout
+        self.document_mask = "auto"  # see jetmoe.model.masking: "auto", "on" or "off"
         self.experts = AttentionExperts(hidden_size, num_kv_heads * head_dim, num_experts, top_k)
         self.kv_proj = nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=False)
         self._init_sparse(num_experts, top_k)
@@ -42,14 +43,14 @@ class MoA(SparseLayer):
     bias = property(lambda self: self.experts.bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterLoss]:
+                mask=None) -> tuple[torch.Tensor, RouterLoss]:
         b, t, d = x.shape
         h, hd, k = self.num_kv_heads, self.head_dim, self.top_k
         flat = x.reshape(b * t, d)
         expert_ids, gates, loss = self.router(flat)
         plan = self.dispatcher.plan(expert_ids, self.num_experts)
 
-        q = self.input_linear(self.dispatcher.dispatch(flat, plan), plan.tokens_per_local_expert)
+        q = self.input_linear(self.dispatcher.dispatch(flat, plan), plan.group_sizes)
         q = self.dispatcher.combine(q, plan)  # [b*t, k, h*hd]
         # Query head (kv head i, slot j) sits at i*k + j, so SDPA's grouped-query mode pairs it with
         # kv head i: the same pairing as transformers' tiling of the kv heads over the k slots.
@@ -57,12 +58,10 @@ class MoA(SparseLayer):
         key, value = self.kv_proj(x).view(b, t, 2, h, hd).permute(2, 0, 3, 1, 4)
         q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
 
-        attn = F.scaled_dot_product_attention(
-            q, key, value, attn_mask=mask, is_causal=mask is None, enable_gqa=k > 1,
-            dropout_p=self.dropout if self.training else 0.0)
+        attn = attend(q, key, value, mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=k > 1)
         attn = attn.view(b, h, k, t, hd).permute(0, 3, 2, 1, 4).reshape(b * t * k, h * hd)
 
         y = self.output_linear(self.dispatcher.dispatch(attn.view(b * t, k, h * hd), plan),
-                               plan.tokens_per_local_expert)
+                               plan.group_sizes)
         y = weighted_sum_over_slots(self.dispatcher.combine(y, plan), gates)
         return (y + self.bias).view(b, t, d), loss

@@ -31,13 +31,61 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+class GroupSizes:
+    """Rows per expert: the device tensor the grouped matmul reads, and its host copy, fetched at most once
+    (only the per-expert loop fallback needs it; one fetch per layer, not one per projection)."""
+
+    def __init__(self, counts: torch.Tensor, host: list[int] | None = None):
+        self.counts = counts
+        self._host = host
+
+    def host(self) -> list[int]:
+        if self._host is None:
+            self._host = self.counts.tolist()
+        return self._host
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor | GroupSizes) -> torch.Tensor:
     """Rows of x [M, in], grouped by expert, times their expert's weight [E, out, in] -> [M, out]."""
+    sizes = tokens_per_expert if isinstance(tokens_per_expert, GroupSizes) else GroupSizes(tokens_per_expert)
     if _grouped_mm_supported(x, weight):
-        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+        offsets = sizes.counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
-    chunks = x.split(tokens_per_expert.tolist(), dim=0)
+    chunks = x.split(sizes.host(), dim=0)
     return torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight)], dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[index] where index is a permutation of the k slots of every row (k = 1: a plain permutation).
+
+    The backward gathers with the inverse permutation and sums each row's k slot gradients as a [T, k, D]
+    reduction: no index_add over duplicated rows, so no atomics on CUDA and bitwise-reproducible gradients."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.k > 1:
+            grad = grad.view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return grad, None, None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[order] for a permutation `order` whose inverse is `inverse`; the backward is a gather too."""
+    return _GatherRows.apply(x, order, inverse, 1)
+
+
+def gather_slots(x: torch.Tensor, slot_order: torch.Tensor, slot_inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Rows of the T*k slots in `slot_order`: x is [T, D] (a token's row serves its k slots) or [T, k, D]."""
+    if x.dim() == 2:
+        return _GatherRows.apply(x, slot_order // top_k, slot_inverse, top_k)
+    return permute_rows(x.reshape(-1, x.shape[-1]), slot_order, slot_inverse)
 
 
 class GroupedExperts(nn.Module):
@@ -52,7 +100,7 @@ class GroupedExperts(nn.Module):
         # E, or E / ep once jetmoe.parallel keeps only this rank's slice.
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor | GroupSizes) -> torch.Tensor:
         return grouped_linear(x, self.weight, tokens_per_expert)
 
     def extra_repr(self) -> str:
@@ -67,6 +115,9 @@ class LocalPlan:
     tokens_per_local_expert: torch.Tensor  # LongTensor[E]
     num_tokens: int
     top_k: int
+
+    def __post_init__(self):
+        self.group_sizes = GroupSizes(self.tokens_per_local_expert)
 
 
 class LocalDispatcher:
@@ -83,9 +134,8 @@ class LocalDispatcher:
         return LocalPlan(order, inverse, counts, num_tokens, top_k)
 
     def dispatch(self, x: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
-        if x.dim() == 2:  # one row per token, shared by its k slots
-            return x.index_select(0, plan.order // plan.top_k)
-        return x.reshape(-1, x.shape[-1]).index_select(0, plan.order)
+        """x [T, D] (one row per token, shared by its k slots) or [T, k, D] -> rows grouped by expert."""
+        return gather_slots(x, plan.order, plan.inverse, plan.top_k)
 
     def combine(self, y: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
-        return y.index_select(0, plan.inverse).view(plan.num_tokens, plan.top_k, y.shape[-1])
+        return permute_rows(y, plan.inverse, plan.order).view(plan.num_tokens, plan.top_k, y.shape[-1])

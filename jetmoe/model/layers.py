@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, rotary position embedding, the document-aware causal mask."""
+"""Small building blocks: RMSNorm, rotary position embedding, the SwiGLU activation."""
 
 from __future__ import annotations
 
@@ -62,20 +62,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x [B, heads, T, head_dim] by the angles; the two halves of head_dim form the complex pairs
     (transformers' rotate_half layout). cos and sin carry no gradient."""
     return _Rotary.apply(x, cos.detach(), sin.detach())
-
-
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Boolean [B, 1, T, T] causal mask that also keeps packed documents apart, or None if no row restarts.
-
-    A document starts wherever a position id is not the previous one plus one (packed data restarts at 0).
-    """
-    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if not bool(starts.any()):
-        return None
-    doc = torch.nn.functional.pad(starts.long().cumsum(-1), (1, 0))
-    t = position_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -20,8 +20,9 @@ from torch import nn
 from jetmoe.model.attention import MoA
 from jetmoe.model.config import JetMoEConfig
 from jetmoe.model.experts import GroupedExperts
-from jetmoe.model.layers import RMSNorm, default_position_ids, document_mask, rotary_cos_sin
+from jetmoe.model.layers import RMSNorm, default_position_ids, rotary_cos_sin
 from jetmoe.model.loss import aux_loss, causal_lm_loss, shift_labels, sum_router_losses
+from jetmoe.model.masking import attention_mask
 from jetmoe.model.moe import MoE, SparseLayer
 from jetmoe.model.router import RouterLoss
 
@@ -47,10 +48,10 @@ class JetMoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, tuple[RouterLoss, RouterLoss]]:
         """(new hidden, (the MoA router's losses, the MoE router's losses))."""
+        mask = attention_mask(position_ids, self.self_attention.document_mask)  # None position ids: causal
         if position_ids is None:
             position_ids = default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device)
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
-        mask = document_mask(position_ids)
         attended, attention_loss = self.self_attention(self.input_layernorm(hidden), cos, sin, mask)
         hidden = hidden + attended
         mixed, mlp_loss = self.mlp(self.post_attention_layernorm(hidden))

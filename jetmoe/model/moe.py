@@ -27,9 +27,26 @@ class SparseLayer(nn.Module):
         self.dispatcher = LocalDispatcher()
 
 
+class _WeightedSum(torch.autograd.Function):
+    """sum_j gates[t, j] * y[t, j, :] in fp32; y is kept for backward in its own dtype, not as an fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, y, gates):
+        ctx.save_for_backward(y, gates)
+        return torch.bmm(gates.float().unsqueeze(1), y.float()).squeeze(1).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gates = ctx.saved_tensors
+        grad = grad.float()
+        grad_y = (gates.float().unsqueeze(-1) * grad.unsqueeze(1)).to(y.dtype)  # [T, k, D]
+        grad_gates = torch.bmm(y.float(), grad.unsqueeze(-1)).squeeze(-1).to(gates.dtype)  # [T, k]
+        return grad_y, grad_gates
+
+
 def weighted_sum_over_slots(y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """sum_j gates[t, j] * y[t, j, :] for y [T, k, D], gates [T, k]."""
-    return torch.bmm(gates.unsqueeze(1), y).squeeze(1)
+    """sum_j gates[t, j] * y[t, j, :] for y [T, k, D], gates [T, k]: in fp32, returned in y's dtype."""
+    return _WeightedSum.apply(y, gates)
 
 
 class MoE(SparseLayer):
@@ -48,7 +65,7 @@ class MoE(SparseLayer):
         x = x.reshape(-1, shape[-1])
         expert_ids, gates, loss = self.router(x)
         plan = self.dispatcher.plan(expert_ids, self.num_experts)
-        h = self.input_linear(self.dispatcher.dispatch(x, plan), plan.tokens_per_local_expert)
-        h = self.output_linear(swiglu(h), plan.tokens_per_local_expert)
+        h = self.input_linear(self.dispatcher.dispatch(x, plan), plan.group_sizes)
+        h = self.output_linear(swiglu(h), plan.group_sizes)
         y = weighted_sum_over_slots(self.dispatcher.combine(h, plan), gates)
         return (y + self.bias).view(shape), loss

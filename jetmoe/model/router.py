@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class RouterLoss(NamedTuple):
@@ -18,7 +19,7 @@ class RouterLoss(NamedTuple):
 
 class Routing(NamedTuple):
     expert_ids: torch.Tensor  # [T, k], best first
-    gates: torch.Tensor  # [T, k], softmax over the k chosen logits, in the input dtype
+    gates: torch.Tensor  # [T, k], softmax over the k chosen logits, fp32
     loss: RouterLoss
 
 
@@ -40,8 +41,27 @@ def router_loss(logits: torch.Tensor, expert_ids: torch.Tensor) -> RouterLoss:
     return RouterLoss(balance, z, counts)
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """x @ w.T computed in fp32, keeping x and w for backward in their own dtype (x is saved by the experts'
+    dispatch anyway, so an fp32 copy would be extra activation memory)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.float()
+        return (grad @ weight.float()).to(x.dtype), (grad.T @ x.float()).to(weight.dtype)
+
+
 class TopKRouter(nn.Module):
-    """Linear scores -> top-k experts; gates are the softmax over the k chosen logits (computed in fp32)."""
+    """Linear scores -> top-k experts; gates are the softmax over the k chosen logits.
+
+    Everything here runs in fp32 whatever the input dtype (Megatron's router recommendation): the logits'
+    matmul too, since bf16 logits flip near-tied top-k choices and blur the z-loss."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int):
         super().__init__()
@@ -50,7 +70,7 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = self.layer(x).float()
+        logits = _Fp32Linear.apply(x, self.layer.weight)
         top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
-        gates = torch.softmax(top_logits, dim=-1).to(x.dtype)
+        gates = torch.softmax(top_logits, dim=-1)
         return Routing(expert_ids, gates, router_loss(logits, expert_ids))

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from jetmoe.model.experts import GroupSizes, gather_slots, permute_rows
+from jetmoe.model.router import expert_counts
+
 
 class CommCounter:
     """Bytes this rank sent to other ranks through the all-to-alls (forward and backward)."""
@@ -76,6 +79,7 @@ class AllToAllPlan:
     recv_to_local: torch.Tensor  # receive-buffer rows -> grouped by local expert
     local_to_recv: torch.Tensor  # its inverse
     tokens_per_local_expert: torch.Tensor  # LongTensor[E_local]
+    group_sizes: GroupSizes  # the same, with its host copy (fetched in the plan's one sync)
 
 
 class AllToAllDispatcher:
@@ -97,18 +101,24 @@ class AllToAllDispatcher:
         slot_order = torch.argsort(flat, stable=True)
         slot_unorder = torch.empty_like(slot_order)
         slot_unorder[slot_order] = torch.arange(slot_order.numel(), device=slot_order.device)
-        counts = torch.bincount(flat, minlength=num_experts)  # [E] slots per global expert
-        # recv_counts[j, e]: rows rank j sends to my local expert e (one equal-split exchange).
+        counts = expert_counts(expert_ids, num_experts)  # [E] slots per global expert, no host sync
+        # recv_counts[j, e]: rows rank j sends to my local expert e (one equal-split exchange, on device).
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
-        recv_counts = recv_counts.view(ep, e_local)
-        send_splits = counts.view(ep, e_local).sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        # The layer's one host sync: the splits of the all-to-alls and the per-expert row counts.
+        host = torch.cat([counts, recv_counts]).tolist()
+        sent, got = host[:num_experts], host[num_experts:]
+        send_splits = [sum(sent[r * e_local:(r + 1) * e_local]) for r in range(ep)]
+        recv_splits = [sum(got[j * e_local:(j + 1) * e_local]) for j in range(ep)]
+        local_sizes = [sum(got[j * e_local + e] for j in range(ep)) for e in range(e_local)]
         # The receive buffer is ordered (source rank, local expert); the grouped matmul wants
         # (local expert, source rank). A stable sort on the expert index of each row does it.
         block = torch.arange(ep * e_local, device=flat.device)
-        row_block = torch.repeat_interleave(block, recv_counts.reshape(-1), output_size=sum(recv_splits))
+        row_block = torch.repeat_interleave(block, recv_counts, output_size=sum(recv_splits))
         recv_to_local = torch.argsort(row_block % e_local, stable=True)
+        local_to_recv = torch.empty_like(recv_to_local)
+        local_to_recv[recv_to_local] = torch.arange(recv_to_local.numel(), device=flat.device)
+        tokens_per_local_expert = recv_counts.view(ep, e_local).sum(0)
         return AllToAllPlan(
             num_slots=flat.numel(),
             top_k=top_k,
@@ -117,20 +127,19 @@ class AllToAllDispatcher:
             send_splits=send_splits,
             recv_splits=recv_splits,
             recv_to_local=recv_to_local,
-            local_to_recv=torch.argsort(recv_to_local),
-            tokens_per_local_expert=recv_counts.sum(0),
+            local_to_recv=local_to_recv,
+            tokens_per_local_expert=tokens_per_local_expert,
+            group_sizes=GroupSizes(tokens_per_local_expert, local_sizes),
         )
 
     def dispatch(self, x: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
-        if x.dim() == 2:  # one row per token, shared by its k slots
-            send = x.index_select(0, plan.slot_order // plan.top_k)
-        else:  # [T, k, D]: one row per slot
-            send = x.reshape(plan.num_slots, x.shape[-1]).index_select(0, plan.slot_order)
+        """x [T, D] (one row per token, shared by its k slots) or [T, k, D] -> this rank's expert rows."""
+        send = gather_slots(x, plan.slot_order, plan.slot_unorder, plan.top_k)
         received = all_to_all(send, plan.recv_splits, plan.send_splits, self.group, self.counter)
-        return received.index_select(0, plan.recv_to_local)
+        return permute_rows(received, plan.recv_to_local, plan.local_to_recv)
 
     def combine(self, y_local: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
-        received = y_local.index_select(0, plan.local_to_recv)
+        received = permute_rows(y_local, plan.local_to_recv, plan.recv_to_local)
         sent_back = all_to_all(received, plan.send_splits, plan.recv_splits, self.group, self.counter)
-        y = sent_back.index_select(0, plan.slot_unorder)
+        y = permute_rows(sent_back, plan.slot_unorder, plan.slot_order)
         return y.view(plan.num_slots // plan.top_k, plan.top_k, y.shape[-1])

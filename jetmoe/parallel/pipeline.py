@@ -35,6 +35,7 @@ from jetmoe.model import (
     make_embedding,
     make_final_norm,
     make_lm_head,
+    set_document_mask,
 )
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
@@ -143,7 +144,8 @@ def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterL
 
 
 def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
-                   on_router_loss: RouterLossHook | None = None, activation_checkpointing: bool = False):
+                   on_router_loss: RouterLossHook | None = None, activation_checkpointing: bool = False,
+                   document_mask: bool = False):
     """This rank's stage of the pipeline, initialised identically for every layout."""
     weights = block_weights(config) if partition == "parameters" else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
@@ -158,6 +160,7 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
     module.block_counts = counts
     module.global_names = global_param_names(module)
     init_like_transformers(module, config.initializer_range, seed, module.global_names)
+    set_document_mask(module, document_mask)  # known up front: no per-block check of the position ids
     if activation_checkpointing:
         apply_activation_checkpointing(m.block for m in module.modules() if isinstance(m, BlockStage))
     return module

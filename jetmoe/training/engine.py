@@ -97,7 +97,8 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, cfg.train.seed,
                             grad_scale=1.0 / gas, on_router_loss=on_router_loss,
                             activation_checkpointing=bool(cfg.parallel.activation_checkpointing
-                                                          or model_config.gradient_checkpointing))
+                                                          or model_config.gradient_checkpointing),
+                            document_mask=bool(cfg.data.document_mask))
     if precision(cfg) == "bf16":
         module.to(torch.bfloat16)
     initialize = deepspeed.initialize

@@ -1,8 +1,8 @@
 """Per-step metrics on global rank 0: metrics.jsonl (flushed each step), wandb, console and progress bar.
 
-Throughput accounting: FLOPs per token = 6 x active matmul parameters + 12 x layers x attention width x
-seq_len (forward + backward, attention scores and values, PaLM's convention; the planner's count);
-MFU = achieved / peak per device.
+Throughput accounting: FLOPs per token = 6 x active matmul parameters + 6 x layers x attention width x
+seq_len (forward + backward, attention scores and values, causal attention counted as half of full attention:
+Megatron's convention); the planner's count (jetmoe.plan.throughput). MFU = achieved / peak per device.
 """
 
 from __future__ import annotations

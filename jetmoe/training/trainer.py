@@ -22,6 +22,7 @@ from jetmoe.parallel.process_group import init_process_group
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager
 from jetmoe.training.config import data_config, model_config, precision, use_cuda
+from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.router_stats import RouterTracker
@@ -71,6 +72,7 @@ class Trainer:
         # Data before the engine: a bad path or tokenizer fails within seconds.
         self.data = self._build_data()
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
+        set_deterministic(cfg.train.deterministic)  # before the engine exists (cuBLAS reads it at start-up)
         self.parts: EngineParts = build_engine(cfg, mc, self.layout, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready

@@ -1,0 +1,70 @@
+"""Host syncs of one block's forward+backward, counted on CPU (ops that read tensor values on the host):
+none on the local path with the document mask off (or on), one per sparse layer with expert parallelism."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers.expert_spawn import spawn
+from jetmoe.diagnostics import count_host_syncs
+from jetmoe.model import JetMoEBlock, init_like_transformers
+from jetmoe.model.masking import set_document_mask
+from tests.helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+
+
+def _block(hidden, seed=0):
+    torch.manual_seed(seed)
+    block = JetMoEBlock(tiny_config(hidden_size=hidden))
+    init_like_transformers(block, 0.1, seed)
+    return block
+
+
+def _syncs(block, x, pos):
+    with count_host_syncs() as counts:
+        block(x, pos)[0].square().sum().backward()
+    return counts
+
+
+def _packed_positions(t=12):
+    return torch.cat([torch.arange(5), torch.arange(t - 5)]).repeat(2, 1)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_local_block_makes_no_host_sync(mode):
+    block = _block(32)  # grouped matmul path
+    set_document_mask(block, mode)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    assert sum(_syncs(block, x, _packed_positions()).values()) == 0
+
+
+def test_auto_mask_mode_checks_position_ids_once_per_block():
+    block = _block(32)
+    counts = _syncs(block, torch.randn(2, 12, 32, requires_grad=True), _packed_positions())
+    assert dict(counts) == {"_local_scalar_dense": 1}
+    assert sum(_syncs(block, torch.randn(2, 12, 32, requires_grad=True), None).values()) == 0
+
+
+def test_per_expert_loop_fallback_fetches_counts_once_per_layer():
+    block = _block(30)  # rows not 16-byte aligned: the per-expert loop
+    set_document_mask(block, "off")
+    counts = _syncs(block, torch.randn(2, 12, 30, requires_grad=True), _packed_positions())
+    assert dict(counts) == {"tolist": 2}  # MoA (2 projections) and MoE (2 projections): one fetch each
+
+
+def _ep_worker(rank, world):
+    from jetmoe.parallel.expert import apply_expert_parallel
+
+    for hidden in (32, 30):
+        block = _block(hidden)
+        set_document_mask(block, "off")
+        apply_expert_parallel(block, dist.group.WORLD, rank, world)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(2, 5 + 4 * rank, hidden, generator=g, requires_grad=True)
+        pos = torch.arange(x.shape[1]).expand(2, -1)
+        counts = _syncs(block, x, pos)
+        assert dict(counts) == {"tolist": 2}, (hidden, dict(counts))  # one per sparse layer (MoA, MoE)
+
+
+@pytest.mark.slow
+def test_expert_parallel_block_syncs_once_per_sparse_layer():
+    spawn(_ep_worker, 2)
