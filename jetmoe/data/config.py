@@ -33,6 +33,7 @@ class DataConfig:
     sources: dict = field(default_factory=dict)  # name -> {path, text_field, weight[, hub_config, split]}
     phases: list = field(default_factory=list)  # [{start_step, weights: {name: w}}]; empty: the sources' weights
     shard_tokens: int = 1 << 27  # pre-tokenized shard size (a shard closes at the next document end)
+    require_tokenizer: bool = False  # a recipe made for a given vocabulary: data.tokenizer=builtin is an error
 
     @classmethod
     def from_any(cls, cfg) -> "DataConfig":
@@ -64,6 +65,9 @@ class DataConfig:
             raise JetMoEError(f"data.valid_fraction={self.valid_fraction} must lie in [0, 0.5]")
         if self.txt_sample_by not in TXT_SAMPLE_BY:
             raise JetMoEError(f"data.txt_sample_by={self.txt_sample_by!r} is unknown; use one of {TXT_SAMPLE_BY}")
+        if self.require_tokenizer and self.tokenizer in (None, "", "builtin", "???"):
+            raise JetMoEError("data.tokenizer must be set for this data config (a tokenizer directory or "
+                              "tokenizer.json matching model.vocab_size, e.g. Llama-2's 32k): data.tokenizer=PATH")
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             raise JetMoEError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer")
         if self.name == "mixture":
