@@ -218,8 +218,11 @@ def test_a_two_task_array_fills_one_cache(corpus, tmp_path):
                  "data.seq_len=16", "data.shard_tokens=1500", "data.num_proc=1",
                  f"data.sources.web.path={cfg.sources['web']['path']}", f"data.sources.code.path={cfg.sources['code']['path']}",
                  "model.bos_token_id=null", "model.eos_token_id=0"]
-    first = subprocess.run([sys.executable, script, *overrides], capture_output=True, text=True, timeout=180,
-                           env={**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"})
+    # task 0 as the job array runs it (no Slurm here: the array's variables are what sbatch would set)
+    first = subprocess.run(["bash", str(REPO / "launch" / "pretokenize.sbatch"), *overrides], capture_output=True,
+                           text=True, timeout=180, cwd=REPO,
+                           env={**os.environ, "PYTHON": sys.executable, "SLURM_ARRAY_TASK_ID": "4",
+                                "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"})
     assert first.returncode == 0, first.stderr[-2000:]
     assert "task 0 of 2" in first.stdout and "tokens/s" in first.stdout and "ETA" in first.stdout
     assert "still to tokenize by other tasks" in first.stdout

@@ -10,6 +10,7 @@ Trainer-facing API (beyond what `Data` has):
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ class SourceWindows:
         per_shard = np.maximum((np.asarray(sizes, dtype=np.int64) - 1) // seq_len, 0)
         self.starts = np.concatenate([[0], np.cumsum(per_shard)])  # first window of each shard
         self.length, self.index = length, index
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, np.ndarray] = {}
 
     @property
     def total_windows(self) -> int:
@@ -47,9 +48,13 @@ class SourceWindows:
     def __len__(self) -> int:
         return self.length
 
-    def _map(self, shard: int) -> np.memmap:
+    def _map(self, shard: int) -> np.ndarray:
         if shard not in self._maps:
-            self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r", shape=(self.sizes[shard],))
+            with open(self.paths[shard], "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mm, "madvise"):  # windows are read at random: no readahead, no fault-around
+                mm.madvise(mmap.MADV_RANDOM)
+            self._maps[shard] = np.frombuffer(mm, dtype=self.dtype, count=self.sizes[shard])
         return self._maps[shard]
 
     def windows(self, ids) -> np.ndarray:
