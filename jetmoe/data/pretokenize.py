@@ -4,6 +4,13 @@ Task i of n (a Slurm job-array index, or one command per node) takes a fixed, di
 files: all files of all sources, largest first, each to the task with the fewest bytes so far. Inside a
 task, `num_proc` worker processes each tokenize whole files (`shards.write_unit`). Every file is its own
 resumable unit, so any task can be killed and re-run, and tasks never write the same directory.
+
+Why not HF datatrove (DESIGN.md 3 asked to evaluate it first): its DocumentTokenizer writes one output
+file per *task* (files[rank::world_size]), so the token files, hence the sample ids, depend on how many
+tasks tokenized the corpus, which breaks our layout-independent order; it resumes per task (a killed
+task redoes all its files) and keeps completion in its own logging dir rather than beside the shards;
+its Slurm executor submits sbatch itself instead of being a job array one submits; and it adds a dozen
+dependencies for what is here ~150 lines on top of the `datasets` readers the trainer already uses.
 """
 
 from __future__ import annotations
