@@ -68,13 +68,21 @@ def prepare_tokens(cfg: DataConfig, vocab_size: int, log: Optional[Callable[[str
 
 
 def build_data(cfg, vocab_size: int, max_position_embeddings: int, seed: int = 0, *,
-               log: Optional[Callable[[str], None]] = None) -> Data:
+               log: Optional[Callable[[str], None]] = None, special_tokens: Optional[tuple] = None):
     """Every rank calls this; the first process on a cache builds it, the others wait and read it.
 
-    `log` receives progress lines (pass `print` on rank 0 only).
+    `log` receives progress lines (pass `print` on rank 0 only). `special_tokens`: the model config's
+    (bos_token_id, eos_token_id), checked against a user's tokenizer with data=mixture. data=mixture
+    returns a `MixtureData` (same loader methods, plus per-source ones) and never tokenizes here: its
+    sharded cache is filled by train/pretokenize.py.
     """
     cfg = DataConfig.from_any(cfg)
     cfg.validate(max_position_embeddings)
+    if cfg.name == "mixture":
+        from jetmoe.data.mixture_build import build_mixture_data
+
+        _quiet_datasets()
+        return build_mixture_data(cfg, vocab_size, seed, log=log, special_tokens=special_tokens)
     tokenizer, cache, built = prepare_tokens(cfg, vocab_size, log)
     tokens, meta = open_token_cache(cache)
     train, valid = split_windows(tokens, cfg.seq_len, cfg.valid_fraction, meta["eos_token_id"])

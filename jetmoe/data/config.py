@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from jetmoe.errors import JetMoEError
 
-SOURCES = ("builtin", "files", "hub")
+SOURCES = ("builtin", "files", "hub", "mixture")
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 
 
 @dataclass
 class DataConfig:
-    name: str = "builtin"  # builtin | files | hub
+    name: str = "builtin"  # builtin | files | hub | mixture
     path: Any = None  # files: a file, glob, directory or a list of them; hub: dataset name or local dataset dir
     text_field: str = "text"  # column holding the text (jsonl/json/parquet/hub)
     hub_config: Optional[str] = None  # hub: dataset config (subset) name
@@ -29,6 +29,11 @@ class DataConfig:
     cache_dir: Optional[str] = None  # None: $JETMOE_CACHE_DIR or ~/.cache/jetmoe
     num_proc: Optional[int] = None  # tokenizer processes; None: 1 for small sources, else min(cpus, 8)
     valid_fraction: float = 0.02  # share of packed windows held out for eval (every k-th window); 0: none
+    # data=mixture (jetmoe/data/mixture_config.py): named sources, optional phases, the shard size
+    sources: dict = field(default_factory=dict)  # name -> {path, text_field, weight[, hub_config, split]}
+    phases: list = field(default_factory=list)  # [{start_step, weights: {name: w}}]; empty: the sources' weights
+    shard_tokens: int = 1 << 27  # pre-tokenized shard size (a shard closes at the next document end)
+    require_tokenizer: bool = False  # a recipe made for a given vocabulary: data.tokenizer=builtin is an error
 
     @classmethod
     def from_any(cls, cfg) -> "DataConfig":
@@ -47,7 +52,7 @@ class DataConfig:
     def validate(self, max_position_embeddings: int) -> None:
         if self.name not in SOURCES:
             raise JetMoEError(f"data.name={self.name!r} is unknown; use one of {', '.join(SOURCES)}")
-        if self.name != "builtin" and not self.path:
+        if self.name not in ("builtin", "mixture") and not self.path:
             raise JetMoEError(f"data.path is not set; data={self.name} needs data.path=<file, glob or list>")
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise JetMoEError(f"data.seq_len={self.seq_len!r} must be a positive integer")
@@ -60,6 +65,17 @@ class DataConfig:
             raise JetMoEError(f"data.valid_fraction={self.valid_fraction} must lie in [0, 0.5]")
         if self.txt_sample_by not in TXT_SAMPLE_BY:
             raise JetMoEError(f"data.txt_sample_by={self.txt_sample_by!r} is unknown; use one of {TXT_SAMPLE_BY}")
+        if self.require_tokenizer and self.tokenizer in (None, "", "builtin", "???"):
+            raise JetMoEError("data.tokenizer must be set for this data config (a tokenizer directory or "
+                              "tokenizer.json matching model.vocab_size, e.g. Llama-2's 32k): data.tokenizer=PATH")
+        if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
+            raise JetMoEError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer")
+        if self.name == "mixture":
+            from jetmoe.data.mixture_config import parse_mixture
+
+            parse_mixture(self.sources, self.phases)
+        elif self.sources or self.phases:
+            raise JetMoEError(f"data.sources / data.phases need data=mixture (data.name is {self.name!r})")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise JetMoEError(f"data.max_tokens={self.max_tokens} must be positive (or null for no limit)")
 

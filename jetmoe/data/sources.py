@@ -17,7 +17,16 @@ from jetmoe.data.config import DataConfig, resolve_user_path
 from jetmoe.errors import JetMoEError
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")  # datasets (fsspec) decompresses these by extension
 TOKENIZER_TRAIN_CHARS = 200_000_000  # the builtin BPE sees at most this much text of a user's corpus
+
+
+def file_format(path: Path) -> Optional[str]:
+    """The `datasets` builder for a file name, looking through a compression suffix (.jsonl.zst -> json)."""
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
 @dataclass
@@ -79,7 +88,7 @@ def expand_files(path) -> list[Path]:
                 raise JetMoEError(f"data.path glob {spec!r} matches no file (looked under {p.parent})")
             files.extend(matches)
         elif p.is_dir():
-            inside = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in FORMATS)
+            inside = sorted(q for q in p.iterdir() if q.is_file() and file_format(q))
             if not inside:
                 raise JetMoEError(f"data.path directory {p} holds no {'/'.join(FORMATS)} file")
             files.extend(inside)
@@ -88,8 +97,9 @@ def expand_files(path) -> list[Path]:
         else:
             raise JetMoEError(f"data.path: no such file {p}")
     for f in files:
-        if f.suffix not in FORMATS:
-            raise JetMoEError(f"data.path: {f} has unknown extension {f.suffix!r}; use {', '.join(FORMATS)}")
+        if file_format(f) is None:
+            raise JetMoEError(f"data.path: {f} has unknown extension {''.join(f.suffixes)!r}; use "
+                              f"{', '.join(FORMATS)} (optionally compressed: {', '.join(COMPRESSIONS)})")
     return files
 
 
@@ -99,7 +109,7 @@ def _files_source(cfg: DataConfig, hf_cache: Path) -> Source:
     key = _digest("files-v1", stats, cfg.text_field, cfg.txt_sample_by)
     groups: dict[str, list[Path]] = {}
     for f in files:
-        groups.setdefault(FORMATS[f.suffix], []).append(f)
+        groups.setdefault(file_format(f), []).append(f)
 
     def load():
         import datasets

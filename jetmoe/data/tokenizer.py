@@ -14,16 +14,21 @@ from jetmoe.errors import JetMoEError
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 
 
 class TextTokenizer:
     """Batch encoding without special tokens (packing adds EOS itself); picklable for `datasets.map`."""
 
-    def __init__(self, backend, eos_token_id: int, name: str):
+    def __init__(self, backend, eos_token_id: int, name: str, bos_token_id: Optional[int] = None):
         self.backend = backend  # tokenizers.Tokenizer
         self.eos_token_id = int(eos_token_id)
         self.name = name
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        if bos_token_id is None:  # packing never adds BOS; known only to check the model config against
+            bos_token_id = next((backend.token_to_id(t) for t in _BOS_CANDIDATES
+                                 if backend.token_to_id(t) is not None), None)
+        self.bos_token_id = bos_token_id
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -118,7 +123,7 @@ def _load_pretrained(name: str) -> TextTokenizer:
         if backend is None:
             raise JetMoEError(f"tokenizer {name!r} has no fast (Rust) version; convert it to tokenizer.json first")
         eos = tok.eos_token_id if tok.eos_token_id is not None else _eos_from_vocab(backend, name)
-        wrapped = TextTokenizer(backend, eos, name)
+        wrapped = TextTokenizer(backend, eos, name, tok.bos_token_id)
         wrapped.vocab_size = max(wrapped.vocab_size, len(tok))
         return wrapped
     from tokenizers import Tokenizer

@@ -99,7 +99,8 @@ class Trainer:
 
         mc = self.model_config
         return build_data(data_config(self.cfg), mc.vocab_size, mc.max_position_embeddings, self.cfg.train.seed,
-                          log=self.metrics_print if self.rank == 0 else None)
+                          log=self.metrics_print if self.rank == 0 else None,
+                          special_tokens=(mc.bos_token_id, mc.eos_token_id))  # data=mixture checks them
 
     def metrics_print(self, text: str) -> None:
         if self.rank == 0:
@@ -117,6 +118,12 @@ class Trainer:
             if cfg.train.eval_every and (self.state.step % cfg.train.eval_every == 0
                                          or self.state.step == cfg.train.max_steps):
                 row["eval_loss"] = self.evaluate()
+                if hasattr(self.data, "eval_loaders_by_source"):  # data=mixture hook (issue 12)
+                    row["eval_loss_by_source"] = {name: self.evaluate(steps) for name, steps in
+                                                  self.data.eval_loaders_by_source(
+                                                      cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                                      self.layout.dp_rank, self.layout.dp,
+                                                      max_steps=cfg.train.eval_batches).items()}
             self.metrics.log(row)
             rows.append(row)
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:  # before any save: keep the last good one
@@ -169,6 +176,8 @@ class Trainer:
             "skipped": skipped,
             "skipped_total": self.state.skipped_total,
             "mem_static_mib": self.mem_static_mib,
+            **({"tokens_by_source": self.loader.tokens_by_source()}  # data=mixture hook (issue 12)
+               if hasattr(self.loader, "tokens_by_source") else {}),
             **peak_memory_mib(self.cuda),
         }
         every = self.cfg.logging.router_every
@@ -177,10 +186,11 @@ class Trainer:
         return row
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self, steps=None) -> float | None:
         cfg = self.cfg
-        steps = self.data.eval_loader(cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                      self.layout.dp_rank, self.layout.dp, max_steps=cfg.train.eval_batches)
+        if steps is None:
+            steps = self.data.eval_loader(cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                          self.layout.dp_rank, self.layout.dp, max_steps=cfg.train.eval_batches)
         if steps is None:
             return None
         losses = []
