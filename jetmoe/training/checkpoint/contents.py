@@ -106,7 +106,7 @@ def _write_sharded(writer, stem: str, owned, access, key, is_writer: bool, shard
 
 
 def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: TrainingState, place: Place,
-          model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES) -> None:
+          model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES, tokenizer=None) -> None:
     """Every rank calls this (collectives inside); then writer.commit()."""
     access = access_for(optimizer)
     owned = [e for e in entries(module, _name_fn(global_names)) if not getattr(e.param, "ds_pipe_replicated", False)]
@@ -143,10 +143,10 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
         },
         TRAINER_STATE: _jsonable(trainer_state),
     }
-    if model_config is not None:
-        from jetmoe.model.hf_io import config_to_hf_dict
+    if model_config is not None:  # config.json, generation_config.json and the tokenizer: a transformers folder
+        from jetmoe.training.checkpoint.hf_files import model_files
 
-        writer.extra[CONFIG] = config_to_hf_dict(model_config, torch.float32)
+        writer.extra.update(model_files(model_config, tokenizer, torch.float32))
 
 
 def _total(records, prefix: str) -> int:
@@ -169,11 +169,11 @@ def _jsonable(obj):
 
 
 def save(root, step: int, module, optimizer, state: TrainingState, place: Place, *, model_config=None,
-         global_names=None, keep: int = 0, comm=None, shard_bytes: int = SHARD_BYTES) -> Path:
+         global_names=None, keep: int = 0, comm=None, shard_bytes: int = SHARD_BYTES, tokenizer=None) -> Path:
     """Write and commit one checkpoint under `root`. Collective. Raises JetMoEError (on every rank) when
     any rank could not write; older checkpoints and `latest` are then untouched."""
     writer = CheckpointWriter(root, step, comm)
-    write(writer, module, optimizer, state, place, model_config, global_names, shard_bytes)
+    write(writer, module, optimizer, state, place, model_config, global_names, shard_bytes, tokenizer)
     return writer.commit(writer.extra, keep=keep)
 
 

@@ -108,7 +108,8 @@ class CheckpointManager:
         started = time.perf_counter()
         folder = contents.save(self.root, step, self._module(), t.engine.optimizer, self._training_state(step),
                                contents.Place.of(t.layout), model_config=t.model_config,
-                               global_names=self._names(), keep=self.keep, comm=self.comm)
+                               global_names=self._names(), keep=self.keep, comm=self.comm,
+                               tokenizer=getattr(getattr(t, "data", None), "tokenizer", None))
         self.last_saved = step
         if self.comm.rank == 0:
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
