@@ -23,6 +23,7 @@ from jetmoe.training.config import data_config, model_config
 from jetmoe.training.engine import (EngineParts, build_engine, grad_accumulation, init_distributed, layout_for,
                                    precision, use_cuda)
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
+from jetmoe.training.watchdog import Watchdog
 
 
 def _pipe_batches(micro_batches: list[dict], device) -> list:
@@ -44,6 +45,7 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg = self.cfg
         self.rank, self.world = init_distributed(cfg)
+        self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
         self.model_config = model_config(cfg)
@@ -92,6 +94,7 @@ class Trainer:
         self.metrics.set_start(self.step)
         stop = False
         while self.step < cfg.train.max_steps and not stop:
+            self.watchdog.progress(self.step + 1)
             row = self.train_step()
             if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps):
                 row["eval_loss"] = self.evaluate()
@@ -169,6 +172,7 @@ class Trainer:
         return sum(losses) / len(losses) if losses else None
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.metrics.close()
 
 
