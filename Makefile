@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) train/pretrain.py $(ARGS)
 
+# .ci/test.sh starts the one-node Slurm cluster when it can (root), else the Slurm tests skip and
+# the last line says why.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	PY=$(PY) bash .ci/test.sh $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

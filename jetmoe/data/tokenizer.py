@@ -15,12 +15,18 @@ from jetmoe.errors import JetMoEError
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class TextTokenizer:
-    """Batch encoding without special tokens (packing adds EOS itself); picklable for `datasets.map`."""
+    """Batch encoding without special tokens (packing adds EOS itself); picklable for `datasets.map`.
 
-    def __init__(self, backend, eos_token_id: int, name: str, bos_token_id: Optional[int] = None):
+    `special`: transformers' special-token strings (bos_token, eos_token, and unk/pad when the tokenizer
+    has them), for exports; a tokenizer without a BOS token uses its EOS (GPT-2's convention) there.
+    `bos_token_id` is the tokenizer's own BOS (None without one): the model config is checked against it."""
+
+    def __init__(self, backend, eos_token_id: int, name: str, bos_token_id: Optional[int] = None,
+                 special: dict[str, str] | None = None):
         self.backend = backend  # tokenizers.Tokenizer
         self.eos_token_id = int(eos_token_id)
         self.name = name
@@ -29,6 +35,14 @@ class TextTokenizer:
             bos_token_id = next((backend.token_to_id(t) for t in _BOS_CANDIDATES
                                  if backend.token_to_id(t) is not None), None)
         self.bos_token_id = bos_token_id
+        self.special = dict(special or _special_from_vocab(backend, self.eos_token_id))
+        self.special.setdefault("eos_token", backend.id_to_token(self.eos_token_id))
+        self.special.setdefault("bos_token", self.special["eos_token"])
+
+    def token_id(self, key: str) -> int | None:
+        """The id of special token `key` ("bos_token", ...), or None."""
+        token = self.special.get(key)
+        return self.backend.token_to_id(token) if token is not None else None
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -82,6 +96,17 @@ def builtin_tokenizer(path: Path, texts: Callable[[], Iterable[str]], vocab_size
     return TextTokenizer(backend, backend.token_to_id(EOS_TOKEN), "builtin")
 
 
+def _special_from_vocab(backend, eos_token_id: int) -> dict[str, str]:
+    special = {"eos_token": backend.id_to_token(eos_token_id)}
+    bos = next((t for t in _BOS_CANDIDATES if backend.token_to_id(t) is not None), None)
+    if bos is not None:
+        special["bos_token"] = bos
+    for key, token in (("unk_token", "<unk>"), ("pad_token", "<pad>")):
+        if backend.token_to_id(token) is not None:
+            special[key] = token
+    return special
+
+
 def _eos_from_vocab(backend, name: str) -> int:
     for token in _EOS_CANDIDATES:
         tid = backend.token_to_id(token)
@@ -123,7 +148,9 @@ def _load_pretrained(name: str) -> TextTokenizer:
         if backend is None:
             raise JetMoEError(f"tokenizer {name!r} has no fast (Rust) version; convert it to tokenizer.json first")
         eos = tok.eos_token_id if tok.eos_token_id is not None else _eos_from_vocab(backend, name)
-        wrapped = TextTokenizer(backend, eos, name, tok.bos_token_id)
+        special = {k: str(getattr(tok, k)) for k in SPECIAL_KEYS if getattr(tok, k, None) is not None}
+        special["eos_token"] = backend.id_to_token(eos)
+        wrapped = TextTokenizer(backend, eos, name, tok.bos_token_id, special)
         wrapped.vocab_size = max(wrapped.vocab_size, len(tok))
         return wrapped
     from tokenizers import Tokenizer

@@ -128,6 +128,7 @@ def main() -> None:
     def app(cfg) -> None:
         from omegaconf import OmegaConf
 
+        from jetmoe.training.failures import fail
         from jetmoe.training.trainer import run
 
         logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op-builder gcc chatter
@@ -136,8 +137,8 @@ def main() -> None:
             if missing:
                 raise JetMoEError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line")
             run(cfg, HydraConfig.get().runtime.output_dir)
-        except JetMoEError as e:
-            _fail(e)
+        except Exception as e:  # any rank: printed with its rank, peers told, the job ends (failures.py)
+            fail(e)
 
     app()
 

@@ -84,6 +84,7 @@ class TrainSection:
     eval_batches: int = 4  # global batches of held-out data per evaluation
     max_skipped_steps: int = 5  # consecutive non-finite steps that stop the run
     log_every: int = 1  # console line every N steps (metrics.jsonl gets every step)
+    stall_warn_s: float = 600  # no progress for this long: each rank prints its step and stack (0 = off)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.router_stats import RouterTracker
+from jetmoe.training.watchdog import Watchdog
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Trainer:
         cfg = self.cfg
         self.cuda = use_cuda(cfg)
         self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))
+        self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
         self.model_config = model_config(cfg)
@@ -91,7 +93,8 @@ class Trainer:
         self.checkpoint = CheckpointManager(
             cfg, self.run_dir, module=self.parts.module, global_names=self.parts.global_names,
             optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
-            train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine)
+            train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine,
+            tokenizer=self.data.tokenizer)
         return self
 
     def _build_data(self):
@@ -114,6 +117,7 @@ class Trainer:
         self.metrics.set_start(self.state.step)
         stop = False
         while self.state.step < cfg.train.max_steps and not stop:
+            self.watchdog.progress(self.state.step + 1)
             row = self.train_step()
             if cfg.train.eval_every and (self.state.step % cfg.train.eval_every == 0
                                          or self.state.step == cfg.train.max_steps):
@@ -201,6 +205,7 @@ class Trainer:
         return sum(losses) / len(losses) if losses else None
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.metrics.close()
 
 

@@ -80,7 +80,7 @@ def _write_sharded(writer, stem: str, owned, access, key, is_writer: bool, shard
 
 
 def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: TrainingState, layout: Layout,
-          model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+          model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES, tokenizer=None) -> dict[str, Any]:
     """Every rank calls this (collectives inside). Returns the JSON files that rank 0 writes at
     commit (name -> object, or a function of all ranks' file records): pass them to writer.commit()."""
     access = access_for(optimizer)
@@ -118,10 +118,10 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
         },
         TRAINER_STATE: _jsonable(trainer_state),
     }
-    if model_config is not None:
-        from jetmoe.model.hf_io import config_to_hf_dict
+    if model_config is not None:  # config.json, generation_config.json and the tokenizer: a transformers folder
+        from jetmoe.training.checkpoint.hf_files import model_files
 
-        files[CONFIG] = config_to_hf_dict(model_config, torch.float32)
+        files.update(model_files(model_config, tokenizer, torch.float32))
     return files
 
 
@@ -145,11 +145,13 @@ def _jsonable(obj):
 
 
 def save(root, step: int, module, optimizer, state: TrainingState, layout: Layout = Layout.SINGLE, *,
-         model_config=None, global_names=None, keep: int = 0, comm=None, shard_bytes: int = SHARD_BYTES) -> Path:
+         model_config=None, global_names=None, keep: int = 0, comm=None, shard_bytes: int = SHARD_BYTES,
+         tokenizer=None) -> Path:
     """Write and commit one checkpoint under `root`. Collective. Raises JetMoEError (on every rank) when
-    any rank could not write; older checkpoints and `latest` are then untouched."""
+    any rank could not write; older checkpoints and `latest` are then untouched. With `model_config` the
+    folder is a complete transformers directory (config, generation config, and the tokenizer if given)."""
     writer = CheckpointWriter(root, step, comm)
-    files = write(writer, module, optimizer, state, layout, model_config, global_names, shard_bytes)
+    files = write(writer, module, optimizer, state, layout, model_config, global_names, shard_bytes, tokenizer)
     return writer.commit(files, keep=keep)
 
 

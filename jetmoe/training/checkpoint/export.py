@@ -1,6 +1,7 @@
-"""A checkpoint folder (any layout) -> a transformers JetMoe directory: config.json + sharded safetensors
-with `model.safetensors.index.json`, in bf16 or fp32. Weights only; written to a staging folder and
-renamed into place, so an interrupted export never leaves a half directory under OUT_DIR."""
+"""A checkpoint folder (any layout) -> a complete transformers JetMoe directory: config.json, sharded
+safetensors with `model.safetensors.index.json` in bf16 or fp32, generation_config.json and the tokenizer
+(the one the run trained with, stored in the checkpoint, or `--tokenizer`). Written to a staging folder
+and renamed into place, so an interrupted export never leaves a half directory under OUT_DIR."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from jetmoe.errors import JetMoEError
-from jetmoe.training.checkpoint.folders import CheckpointReader, resolve
+from jetmoe.training.checkpoint import folders
+from jetmoe.training.checkpoint.folders import CheckpointReader
 from jetmoe.training.checkpoint.contents import MODEL_INDEX
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -25,22 +27,75 @@ def _layer_order(name: str):
     return layer, name
 
 
+def find_checkpoint(source: str | Path, log=print) -> Path:
+    """The verified step folder that SOURCE names: a step folder, a checkpoints folder or a run directory
+    (their newest intact checkpoint). Errors speak of the export's CHECKPOINT argument."""
+    path = Path(source).expanduser()
+    usage = "pass a step folder (checkpoints/step_XXXXXXXX), a checkpoints folder or a run directory"
+    if not path.exists():
+        raise JetMoEError(f"checkpoint {source}: no such file or folder; {usage}")
+    if not path.is_dir():
+        raise JetMoEError(f"checkpoint {source} is a file, not a checkpoint folder; {usage}")
+    if not (path / folders.MANIFEST).exists() and not folders.list_checkpoints(path) \
+            and folders.list_checkpoints(path / "checkpoints"):
+        path = path / "checkpoints"  # a run directory
+    if (path / folders.MANIFEST).exists() or folders.list_checkpoints(path):
+        try:
+            return folders.resolve(str(path), None, log=log)
+        except JetMoEError as e:
+            if not str(e).startswith("checkpoint.resume="):  # that wording is for training's resume key
+                raise
+            raise JetMoEError(f"checkpoint {source}: every checkpoint there is damaged (see above); {usage}") from None
+    raise JetMoEError(f"checkpoint {source}: no committed checkpoint there (no {folders.MANIFEST}); {usage}")
+
+
+def _tokenizer_files(reader, config, tokenizer_spec, log) -> dict[str, dict]:
+    """tokenizer files + generation_config.json: from --tokenizer, else from the checkpoint."""
+    from jetmoe.training.checkpoint import hf_files
+
+    if tokenizer_spec:
+        from jetmoe.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(str(tokenizer_spec), lambda s: Path(s).expanduser())
+        if tok.vocab_size > config.vocab_size:
+            raise JetMoEError(f"--tokenizer {tokenizer_spec} has {tok.vocab_size} tokens but the model has "
+                              f"{config.vocab_size}; pass the tokenizer the run trained with")
+        for key, value in hf_files.token_ids(tok).items():
+            setattr(config, key, value)
+        files = hf_files.tokenizer_files(tok, config.max_position_embeddings)
+    else:
+        files = {name: reader.json(name) for name in hf_files.TOKENIZER_FILES if reader.has(name)}
+        if not files:
+            log(f"warning: {reader.folder} holds no tokenizer (written before tokenizers were saved); "
+                "pass --tokenizer PATH to include one")
+    gen = hf_files.GENERATION_CONFIG
+    if reader.has(gen) and not tokenizer_spec:
+        files[gen] = reader.json(gen)
+    else:
+        files[gen] = hf_files.generation_config({k: getattr(config, k) for k in
+                                                 ("bos_token_id", "eos_token_id", "pad_token_id")})
+    return files
+
+
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_size="5GB",
-              log=print) -> Path:
+              log=print, tokenizer: str | Path | None = None) -> Path:
     from jetmoe.model.hf_io import config_to_hf_dict, parse_size, read_config, shard_by_bytes
 
     if dtype not in DTYPES:
         raise JetMoEError(f"--dtype {dtype} is unknown; use bf16 or fp32")
     torch_dtype = DTYPES[dtype]
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise JetMoEError(f"output {out} is an existing file; choose a new output folder")
     if out.exists() and any(out.iterdir()):
         raise JetMoEError(f"{out} exists and is not empty; choose a new output folder")
-    folder = resolve(str(checkpoint), None, log=log)
+    folder = find_checkpoint(checkpoint, log=log)
     config = read_config(folder)
     reader = CheckpointReader(folder)
     step = reader.step
     weight_map = reader.json(MODEL_INDEX)["weight_map"]
     names = sorted(weight_map, key=_layer_order)
+    extra_files = _tokenizer_files(reader, config, tokenizer, log)
 
     itemsize = torch.tensor([], dtype=torch_dtype).element_size()
     numel = {n: int(torch.Size(reader.shape(weight_map[n], n)).numel()) for n in names}
@@ -61,6 +116,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         (staging / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2, sort_keys=True) + "\n")
         (staging / "config.json").write_text(json.dumps(config_to_hf_dict(config, torch_dtype), indent=2) + "\n")
+        for name, obj in extra_files.items():
+            (staging / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staging, out)
@@ -69,7 +126,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         raise JetMoEError(f"could not write {out}: {e.strerror or e}; free space or choose another folder") from None
     finally:
         reader.close()
-    params = sum(numel.values())
-    log(f"exported {folder} (step {step}) to {out}: {params:,} parameters, {dtype}, "
-        f"{len(shards)} shard(s), {total / 2**20:.1f} MiB")
+    log(f"exported {folder} (step {step}) to {out}: {sum(numel.values()):,} parameters, {dtype}, "
+        f"{len(shards)} shard(s), {total / 2**20:.1f} MiB"
+        f"{', with tokenizer' if 'tokenizer.json' in extra_files else ', no tokenizer'}")
     return out

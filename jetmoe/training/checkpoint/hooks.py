@@ -3,7 +3,7 @@
 It receives the objects it saves (torchtitan's CheckpointManager style): the stage module and its name
 map, the optimizer, the scheduler, the data loader, a `train_state` with state_dict/load_state_dict
 (the trainer's counters, `step` among them) and, optionally, the DeepSpeed engine whose step counters
-travel with the checkpoint.
+travel with the checkpoint and the tokenizer that makes each checkpoint a complete transformers directory.
 
 Config: checkpoint.every (0 = only on a stop signal), checkpoint.dir (None = <run dir>/checkpoints),
 checkpoint.resume=auto|none|PATH, checkpoint.keep, model.init_from=PATH (a transformers directory).
@@ -27,12 +27,13 @@ ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the Pip
 
 class CheckpointManager:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, *, module, global_names: dict[str, str], optimizer,
-                 scheduler, loader, train_state, layout: Layout, model_config, engine=None) -> None:
+                 scheduler, loader, train_state, layout: Layout, model_config, engine=None, tokenizer=None) -> None:
         self.cfg = cfg
         self.module, self.global_names = module, global_names
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.train_state, self.engine = train_state, engine
         self.layout, self.model_config = layout, model_config
+        self.tokenizer = tokenizer  # saved beside the weights, so each checkpoint is a transformers directory
         ck = cfg.checkpoint
         self.every = int(ck.every or 0)
         self.keep = int(ck.keep or 0)
@@ -99,7 +100,7 @@ class CheckpointManager:
         started = time.perf_counter()
         folder = contents.save(self.root, step, self.module, self.optimizer, self._contents_state(step), self.layout,
                                model_config=self.model_config, global_names=self.global_names, keep=self.keep,
-                               comm=self.comm)
+                               comm=self.comm, tokenizer=self.tokenizer)
         self.last_saved = step
         if self.comm.rank == 0:
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
