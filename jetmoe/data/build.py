@@ -37,6 +37,10 @@ class Data:
         return EvalLoader(self.valid, global_batch_size, micro_batch_size, dp_rank, dp_size, max_steps,
                           self.cfg.document_mask)
 
+    def eval_loaders_by_source(self, *args, **kwargs) -> dict:
+        """One source: no per-source evaluation beside eval_loader (data=mixture has one per source)."""
+        return {}
+
 
 def _quiet_datasets():
     import datasets

@@ -120,6 +120,10 @@ class RankLoader:
             )
         self.consumed_samples = int(state["consumed_samples"])
 
+    def tokens_by_source(self) -> None:
+        """One source: nothing beside the row's `tokens` (data=mixture counts tokens per source)."""
+        return None
+
 
 class EvalLoader:
     """The validation windows in fixed order, as steps of the same shape as training steps (finite)."""

@@ -121,13 +121,7 @@ class Trainer:
             row = self.train_step()
             if cfg.train.eval_every and (self.state.step % cfg.train.eval_every == 0
                                          or self.state.step == cfg.train.max_steps):
-                row["eval_loss"] = self.evaluate()
-                if hasattr(self.data, "eval_loaders_by_source"):  # data=mixture hook (issue 12)
-                    row["eval_loss_by_source"] = {name: self.evaluate(steps) for name, steps in
-                                                  self.data.eval_loaders_by_source(
-                                                      cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                                      self.layout.dp_rank, self.layout.dp,
-                                                      max_steps=cfg.train.eval_batches).items()}
+                row.update(self.evaluate())
             self.metrics.log(row)
             rows.append(row)
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:  # before any save: keep the last good one
@@ -180,21 +174,28 @@ class Trainer:
             "skipped": skipped,
             "skipped_total": self.state.skipped_total,
             "mem_static_mib": self.mem_static_mib,
-            **({"tokens_by_source": self.loader.tokens_by_source()}  # data=mixture hook (issue 12)
-               if hasattr(self.loader, "tokens_by_source") else {}),
             **peak_memory_mib(self.cuda),
         }
+        by_source = self.loader.tokens_by_source()  # data=mixture: cumulative tokens per source
+        if by_source is not None:
+            row["tokens_by_source"] = by_source
         every = self.cfg.logging.router_every
         if every and (self.state.step % every == 0 or self.state.step == 1):
             row["router"] = routers.per_layer()
         return row
 
-    @torch.no_grad()
-    def evaluate(self, steps=None) -> float | None:
+    def evaluate(self) -> dict:
+        """`eval_loss` on the held-out data and, with a mixture, `eval_loss_by_source` (per-domain loss)."""
         cfg = self.cfg
-        if steps is None:
-            steps = self.data.eval_loader(cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                          self.layout.dp_rank, self.layout.dp, max_steps=cfg.train.eval_batches)
+        args = (cfg.train.global_batch_size, cfg.train.micro_batch_size, self.layout.dp_rank, self.layout.dp)
+        row = {"eval_loss": self._eval_loss(self.data.eval_loader(*args, max_steps=cfg.train.eval_batches))}
+        by_source = self.data.eval_loaders_by_source(*args, max_steps=cfg.train.eval_batches)
+        if by_source:
+            row["eval_loss_by_source"] = {name: self._eval_loss(steps) for name, steps in by_source.items()}
+        return row
+
+    @torch.no_grad()
+    def _eval_loss(self, steps) -> float | None:
         if steps is None:
             return None
         losses = []
