@@ -42,7 +42,7 @@ LAYOUTS = {
 
 def predicted_mib(overrides: list[str], gpus: int) -> list[float]:
     inputs = inputs_from_config(compose_config(overrides + [f"cluster.gpus={gpus}"]))
-    inputs = dataclasses.replace(inputs, precision=Precision(4, 4, adam_temporaries=2))
+    inputs = dataclasses.replace(inputs, precision=dataclasses.replace(Precision.named("fp32"), adam_temporaries=2))
     return [m.peak / 2**20 for m in make_plan(inputs).memory]
 
 

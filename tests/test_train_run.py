@@ -78,3 +78,24 @@ def test_the_logged_objective_is_the_one_backpropagated(tmp_path):
     assert got["router_params"] == 2 * 4  # the MoA and MoE router of each of the 4 blocks
     assert got["router_grad_rel_diff"] < 1e-5
     assert got["router_grad_rel_diff_lm_only"] > 1e-2  # the aux-loss gradient matters, so the check can fail
+
+
+def _grad_accumulation_error(run_dir, *extra):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/helpers/trainer_grad_accum_check.py"), str(run_dir), *SMALL,
+         "train.global_batch_size=16", "train.micro_batch_size=1", "train.precision=bf16", "optim.grad_clip=0", *extra],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_sums_the_micro_batch_gradients_in_fp32(tmp_path):
+    """16 micro-batches in bf16: the gradient the optimizer steps with is the exact (fp64) sum of the
+    micro-batches' bf16 gradients to fp32 precision; DeepSpeed's default (bf16 sums) is far off."""
+    fp32_sum = _grad_accumulation_error(tmp_path / "fp32_sum")
+    assert fp32_sum["optimizer"] == "BF16_Optimizer" and fp32_sum["micro_batches"] == 16
+    assert fp32_sum["rel_error"] < 1e-6
+    override = tmp_path / "bf16_sum.json"
+    override.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}))
+    bf16_sum = _grad_accumulation_error(tmp_path / "bf16_sum", f"train.deepspeed_config={override}")
+    assert bf16_sum["rel_error"] > 1e-3 > 1e3 * fp32_sum["rel_error"]  # the check can fail

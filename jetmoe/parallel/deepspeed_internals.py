@@ -26,6 +26,8 @@ PRIVATE_NAMES = (
     ("deepspeed.runtime.engine", "DeepSpeedEngine", "_configure_distributed_model"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_lazy_init_hp_params_optimizer_state"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_hp_optimizer_states_linked"),  # set in __init__
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_lazy_init_hp_params_optimizer_state"),
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_hp_optimizer_states_linked"),  # set in __init__
 )
 
 
@@ -130,7 +132,8 @@ def engine_knows_expert_params(num_experts: list[int]):
 
 # ---------------------------------------------------------------------------------------- optimizer
 def relink_optimizer_state(zero_optimizer) -> None:
-    """Make DeepSpeed's per-parameter views of the Adam state point at the current state tensors.
+    """Make DeepSpeed's per-parameter views of the Adam state point at the current state tensors
+    (ZeRO-1/2's optimizer and the BF16_Optimizer alike).
 
     DeepSpeed links them right after stepping the FIRST param group, before the other groups have any
     state, and never again: parameters of later groups would report "exp_avg not found" to

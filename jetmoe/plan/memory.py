@@ -32,23 +32,26 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per parameter and per activation element, as DeepSpeed's ZeRO-1 optimizer holds them."""
+    """Bytes per parameter and per activation element, as the engine's optimizer holds them: DeepSpeed's
+    ZeRO-1 optimizer in fp32; in bf16 its BF16_Optimizer (jetmoe/training/engine.py asks for fp32 gradient
+    accumulation), which keeps a full fp32 gradient buffer beside each micro-batch's bf16 gradients."""
 
-    param_bytes: int = 2  # weights and their (full, unpartitioned) gradients: bf16
+    param_bytes: int = 2  # weights: bf16
+    grad_bytes: int = 6  # full (unpartitioned) gradients: the fp32 sum over micro-batches + one bf16 micro-batch's
     act_bytes: int = 2
     optimizer_bytes: int = 12  # per parameter of this rank's ZeRO-1 shard: fp32 master copy, Adam m and v
     adam_temporaries: int = 1  # shard-sized fp32 temporaries inside AdamW's step: 1 (foreach, GPU), 2 (CPU)
 
     @classmethod
     def named(cls, name: str) -> "Precision":
-        return cls(4, 4) if name in ("fp32", "float32") else cls(2, 2)
+        return cls(4, 4, 4) if name in ("fp32", "float32") else cls(2, 6, 2)
 
     @property
     def step_bytes(self) -> int:
-        """Per shard parameter, alive only during the optimizer step: the flattened fp32 gradient shard
-        (plus its low-precision staging copy) and AdamW's temporaries."""
-        staging = self.param_bytes if self.param_bytes != 4 else 0
-        return 4 + staging + 4 * self.adam_temporaries
+        """Per shard parameter, alive only during the optimizer step: AdamW's temporaries, and in fp32 the
+        flattened fp32 gradient shard ZeRO-1 builds (the BF16_Optimizer steps on a view of its fp32 buffer)."""
+        flat_grad_shard = 4 if self.param_bytes == 4 else 0
+        return flat_grad_shard + 4 * self.adam_temporaries
 
 
 def block_activation_bytes(shape: ModelShape, batch: int, seq: int, p: int, eager_attention: bool = False,
@@ -144,7 +147,7 @@ def stage_memory(
     p = prec.act_bytes
     params = dense_params + expert_params
     weights = params * prec.param_bytes
-    grads = params * prec.param_bytes
+    grads = params * prec.grad_bytes
     shard = -(-dense_params // dp) + -(-expert_params // expert_dp)
     optimizer = prec.optimizer_bytes * shard
     step = prec.step_bytes * shard

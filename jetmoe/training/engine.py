@@ -38,6 +38,11 @@ def deepspeed_config(cfg: DictConfig, dp: int) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if bf16:
+        # bf16 weights, but gradients summed in fp32, over the micro-batches (DeepSpeed's BF16_Optimizer, with
+        # fp32 master weights) and over the data-parallel ranks; by default DeepSpeed would do both in bf16.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     path = cfg.train.deepspeed_config
     if path:
         path = str(resolve_user_path(path))

@@ -97,7 +97,8 @@ class TorchAccess:
 
 
 class ZeroAccess(TorchAccess):
-    """DeepSpeed ZeRO-1/2 or bf16 optimizer: fp32 masters and Adam moments partitioned over dp."""
+    """DeepSpeed's ZeRO-1/2 optimizer or its BF16_Optimizer (bf16 weights, fp32 accumulation): fp32 masters
+    and Adam moments partitioned over dp, one flat partition per param group."""
 
     def __init__(self, zero_optimizer) -> None:
         super().__init__(zero_optimizer.optimizer)
@@ -132,7 +133,8 @@ class ZeroAccess(TorchAccess):
             safe_set_full_optimizer_state(param, value, key)
 
     def _flat_partitions(self):
-        return list(self.zero.single_partition_of_fp32_groups)
+        flat = getattr(self.zero, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+        return list(flat if flat is not None else self.zero.fp32_groups_flat_partition)  # BF16_Optimizer
 
     def _states_exist(self) -> bool:
         return all(len(self.optimizer.state.get(p, {})) > 0 for p in self._flat_partitions())
@@ -154,7 +156,8 @@ class ZeroAccess(TorchAccess):
 
 
 def access_for(optimizer) -> TorchAccess:
-    if optimizer is not None and hasattr(optimizer, "single_partition_of_fp32_groups"):
+    if optimizer is not None and (hasattr(optimizer, "single_partition_of_fp32_groups")
+                                  or hasattr(optimizer, "fp32_groups_flat_partition")):
         return ZeroAccess(optimizer)
     if optimizer is not None and hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
         raise NotImplementedError(f"checkpointing {type(optimizer).__name__} is not supported (use ZeRO stage 1)")
