@@ -26,6 +26,7 @@ from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.router_stats import RouterTracker
+from jetmoe.training.sampling import Sampler, SampleSettings
 from jetmoe.training.watchdog import Watchdog
 
 
@@ -95,6 +96,8 @@ class Trainer:
             optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
             train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine,
             tokenizer=self.data.tokenizer)
+        self.sampler = Sampler(SampleSettings.from_config(cfg), self.engine, self.data.tokenizer, self.layout,
+                               mc.max_position_embeddings, self.device)
         return self
 
     def _build_data(self):
@@ -129,6 +132,8 @@ class Trainer:
                                                       self.layout.dp_rank, self.layout.dp,
                                                       max_steps=cfg.train.eval_batches).items()}
             self.metrics.log(row)
+            if self.sampler.settings.due(self.state.step, cfg.train.max_steps):
+                self.metrics.log_samples(self.sampler.sample(self.state.step))
             rows.append(row)
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:  # before any save: keep the last good one
                 raise JetMoEError(
