@@ -28,6 +28,8 @@ PRIVATE_NAMES = (
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_hp_optimizer_states_linked"),  # set in __init__
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_lazy_init_hp_params_optimizer_state"),
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_hp_optimizer_states_linked"),  # set in __init__
+    # Not underscored, but internal: the training-loss accumulator that eval_batch also adds outputs to.
+    ("deepspeed.runtime.pipe.engine", "PipelineEngine", "total_loss"),  # set in __init__
 )
 
 
@@ -140,3 +142,22 @@ def relink_optimizer_state(zero_optimizer) -> None:
     safe_get_full_optimizer_state. Linking again once every group has state fixes the views."""
     zero_optimizer._hp_optimizer_states_linked = False
     zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# ------------------------------------------------------------------------------------------ inference
+def pipeline_logits(engine, inputs: tuple, labels: torch.Tensor) -> torch.Tensor | None:
+    """The logits of one micro-batch of any shape run through every stage of the pipeline (DeepSpeed's
+    inference schedule): a tensor on the last stage, None on the others. Every rank must call it.
+
+    `reset_activation_shape` (public) before and after: the stages cache the shape of what they send each
+    other, and these inputs differ from training's. `total_loss` is reset too: DeepSpeed adds every last-stage
+    output, here logits, to the training loss's accumulator, which after `train_batch` holds a scalar."""
+    engine.reset_activation_shape()
+    engine.total_loss = None
+    try:
+        _, logits = engine.eval_batch(iter([(inputs, labels)]), return_logits=True, compute_loss=False,
+                                      reduce_output=None, bcast_loss=False, num_micro_batches=1)
+    finally:
+        engine.total_loss = None
+        engine.reset_activation_shape()
+    return logits

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from jetmoe.errors import JetMoEError
 
 _PLAIN = (int, float, bool, str)
+_SAMPLE_PROMPTS = ("The history of", "Once upon a time", "In mathematics, a", "The city is known for")
 
 
 def _omegaconf_type(tp: Any) -> Any:
@@ -85,6 +86,11 @@ class TrainSection:
     max_skipped_steps: int = 5  # consecutive non-finite steps that stop the run
     log_every: int = 1  # console line every N steps (metrics.jsonl gets every step)
     stall_warn_s: float = 600  # no progress for this long: each rank prints its step and stack (0 = off)
+    sample_every: int = 0  # greedy + temperature continuations of sample_prompts every N steps (0 = off)
+    sample_prompts: List[str] = field(default_factory=lambda: list(_SAMPLE_PROMPTS))
+    sample_tokens: int = 32  # new tokens per continuation
+    sample_temperature: float = 0.8
+    profile_steps: List[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
 
 
 @dataclass
@@ -136,6 +142,7 @@ class LoggingSection:
     router_every: int = 10  # per-layer router statistics every N steps (0 = never)
     progress_bar: bool = True
     console: bool = True
+    tensorboard: bool = False  # also write the scalars to <run dir>/tensorboard
 
 
 @dataclass

@@ -15,12 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from jetmoe.errors import JetMoEError
 from jetmoe.plan.params import ModelShape, count_params
 from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
+from jetmoe.training import wandb_run
+from jetmoe.training.sampling import format_samples
+from jetmoe.training.tensorboard_log import TensorBoardLogger
+from jetmoe.training.wandb_run import start_wandb
 
+SAMPLES_FILE = "samples.jsonl"
 PEAK_TFLOPS_BF16 = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
 # Every row of metrics.jsonl carries at least these: the run directory's contract (README, 'Run directory').
@@ -83,46 +87,30 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.file = None
         self.wandb = None
+        self.tensorboard = None
         self.bar = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.run_dir / "metrics.jsonl", "a")
-        self._start_wandb()
+        self.wandb = start_wandb(cfg, self.run_dir)
+        self.tensorboard = TensorBoardLogger(self.run_dir) if cfg.logging.tensorboard else None
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def _start_wandb(self) -> None:
-        w = self.cfg.logging.wandb
-        if w.mode == "disabled":
-            return
-        if w.mode not in ("offline", "online"):
-            raise JetMoEError(f"logging.wandb.mode={w.mode!r} is unknown; use offline, online or disabled")
-        import wandb
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        wandb_dir = Path(w.dir) if w.dir else self.run_dir
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        self.wandb = wandb.init(
-            mode=w.mode, project=w.project, entity=w.entity, name=w.name or self.run_dir.name,
-            tags=list(w.tags), dir=str(wandb_dir),
-            config=OmegaConf.to_container(self.cfg, resolve=True),
-            settings=wandb.Settings(console="off", x_disable_stats=True) if _has_settings(wandb) else None,
-        )
-        self.wandb.define_metric("step")
-        self.wandb.define_metric("*", step_metric="step")
 
     def set_start(self, step: int) -> None:
         """A resumed run continues at `step`: rows of later steps (written before a crash) are dropped."""
         if not self.enabled:
             return
         self.file.close()
-        path = self.run_dir / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+        for name in ("metrics.jsonl", SAMPLES_FILE):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.run_dir / "metrics.jsonl", "a")
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
@@ -132,8 +120,11 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        scalars = _flatten(row)
         if self.wandb is not None:
-            self.wandb.log(_flatten(row))
+            self.wandb.log(scalars)
+        if self.tensorboard is not None:
+            self.tensorboard.log(scalars)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {row.get('lm_loss', float('nan')):.3f}", refresh=False)
@@ -142,6 +133,19 @@ class MetricsLogger:
         if self.cfg.logging.console and (step % max(1, self.cfg.train.log_every) == 0 or step == 1 or last
                                          or "eval_loss" in row or row.get("skipped")):
             self.print(format_row(row))
+
+    def log_samples(self, records: list[dict] | None) -> None:
+        """Text samples of one step (jetmoe.training.sampling): samples.jsonl, console, wandb, TensorBoard."""
+        if not self.enabled or not records:
+            return
+        with open(self.run_dir / SAMPLES_FILE, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+        if self.cfg.logging.console:
+            self.print(format_samples(records))
+        if self.wandb is not None:
+            wandb_run.log_samples(self.wandb, records)
+        if self.tensorboard is not None:
+            self.tensorboard.log_samples(records)
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -160,6 +164,8 @@ class MetricsLogger:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _row_step(line: str) -> float:
@@ -167,14 +173,6 @@ def _row_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf  # a torn last line: drop it
-
-
-def _has_settings(wandb) -> bool:
-    try:
-        wandb.Settings(console="off", x_disable_stats=True)
-        return True
-    except Exception:
-        return False
 
 
 def _flatten(row: dict, prefix: str = "") -> dict:

@@ -26,7 +26,9 @@ from jetmoe.training.config import data_config, model_config, precision, use_cud
 from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
+from jetmoe.training.profiling import StepProfiler
 from jetmoe.training.router_stats import RouterTracker
+from jetmoe.training.sampling import Sampler, SampleSettings
 from jetmoe.training.watchdog import Watchdog
 
 
@@ -72,6 +74,8 @@ class Trainer:
         self.layout = make_layout(self.world, self.rank, cfg.parallel.pp, cfg.parallel.ep, mc.num_hidden_layers,
                                   mc.num_local_experts)
         micro_batches_per_step(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.layout.dp)
+        sample_settings = SampleSettings.from_config(cfg)  # bad sampling or profiling keys fail before the engine
+        self.profiler = StepProfiler.from_config(cfg, self.run_dir, self.rank, self.cuda)
         # Data before the engine: a bad path or tokenizer fails within seconds.
         self.data = self._build_data()
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
@@ -97,6 +101,8 @@ class Trainer:
             optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
             train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine,
             tokenizer=self.data.tokenizer)
+        self.sampler = Sampler(sample_settings, self.engine, self.data.tokenizer, self.layout,
+                               mc.max_position_embeddings, self.device)
         return self
 
     def _build_data(self):
@@ -120,11 +126,14 @@ class Trainer:
         stop = False
         while self.state.step < cfg.train.max_steps and not stop:
             self.watchdog.progress(self.state.step + 1)
-            row = self.train_step()
+            with self.profiler.step(self.state.step + 1):  # traces train.profile_steps; names OOM snapshots
+                row = self.train_step()
             if cfg.train.eval_every and (self.state.step % cfg.train.eval_every == 0
                                          or self.state.step == cfg.train.max_steps):
                 row.update(self.evaluate())
             self.metrics.log(row)
+            if self.sampler.settings.due(self.state.step, cfg.train.max_steps):
+                self.metrics.log_samples(self.sampler.sample(self.state.step))
             rows.append(row)
             if self.skipped_in_a_row >= cfg.train.max_skipped_steps:  # before any save: keep the last good one
                 raise JetMoEError(
@@ -209,6 +218,8 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.stop()
+        if hasattr(self, "profiler"):
+            self.profiler.close()
         self.metrics.close()
 
 

@@ -1,7 +1,7 @@
 """train/pretrain.py with a fault injected on one rank, for the failure tests (never used in production).
 
-JETMOE_TEST_FAULT_RANK=r, JETMOE_TEST_FAULT_STEP=s (default 2), JETMOE_TEST_FAULT=raise|hang: global rank r
-raises a RuntimeError, or sleeps for an hour, when it starts optimizer step s."""
+JETMOE_TEST_FAULT_RANK=r, JETMOE_TEST_FAULT_STEP=s (default 2), JETMOE_TEST_FAULT=raise|hang|oom: global rank r
+raises a RuntimeError, sleeps for an hour, or raises CUDA's out-of-memory error when it starts optimizer step s."""
 
 import os
 import sys
@@ -22,6 +22,10 @@ if rank == os.environ.get("JETMOE_TEST_FAULT_RANK"):
         if self.state.step + 1 == at_step:
             if kind == "hang":
                 time.sleep(3600)
+            if kind == "oom":
+                import torch
+
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
             raise RuntimeError(f"injected fault on rank {rank} at step {at_step}")
         return real_step(self)
 

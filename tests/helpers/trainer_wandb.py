@@ -49,3 +49,17 @@ def history(path: Path) -> list[dict]:
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                          for item in rec.history.item})
     return rows
+
+
+def run_info(path: Path) -> dict:
+    """The run record of an offline run file: id, project, name, tags and the config (top-level keys)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in records(path):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "run":
+            r = rec.run
+            return {"id": r.run_id, "project": r.project, "name": r.display_name, "tags": list(r.tags),
+                    "config": {item.key: json.loads(item.value_json) for item in r.config.update}}
+    raise AssertionError(f"{path} has no run record")
