@@ -18,6 +18,14 @@ def backend_for(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
+def served_device_types(backend: str) -> set[str]:
+    """Device types whose tensors a group with this backend string accepts (torch 2.13: "nccl" alone serves
+    CUDA tensors only, "gloo" alone CPU tensors, "cpu:gloo,cuda:nccl" both)."""
+    if ":" in backend:
+        return {part.split(":", 1)[0] for part in backend.split(",")}
+    return {"nccl": {"cuda"}, "gloo": {"cpu"}}.get(backend, {"cpu", "cuda"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
