@@ -9,7 +9,7 @@ from helpers.expert_spawn import spawn
 from jetmoe.diagnostics import count_host_syncs
 from jetmoe.model import JetMoEBlock, init_like_transformers
 from jetmoe.model.masking import set_document_mask
-from tests.helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
 
 
 def _block(hidden, seed=0):
@@ -54,15 +54,19 @@ def test_per_expert_loop_fallback_fetches_counts_once_per_layer():
 def _ep_worker(rank, world):
     from jetmoe.parallel.expert import apply_expert_parallel
 
-    for hidden in (32, 30):
+    from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    for hidden, recompute in ((32, False), (30, False), (32, True)):
         block = _block(hidden)
         set_document_mask(block, "off")
         apply_expert_parallel(block, dist.group.WORLD, rank, world)
+        if recompute:  # the recompute replays the forward's plans: no second count exchange or sync
+            apply_activation_checkpointing([block])
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(2, 5 + 4 * rank, hidden, generator=g, requires_grad=True)
         pos = torch.arange(x.shape[1]).expand(2, -1)
         counts = _syncs(block, x, pos)
-        assert dict(counts) == {"tolist": 2}, (hidden, dict(counts))  # one per sparse layer (MoA, MoE)
+        assert dict(counts) == {"tolist": 2}, (hidden, recompute, dict(counts))  # one per sparse layer (MoA, MoE)
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from jetmoe.model.router import expert_counts
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -129,9 +131,7 @@ class LocalDispatcher:
         order = flat.argsort(stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
-        return LocalPlan(order, inverse, counts, num_tokens, top_k)
+        return LocalPlan(order, inverse, expert_counts(expert_ids, num_experts), num_tokens, top_k)
 
     def dispatch(self, x: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
         """x [T, D] (one row per token, shared by its k slots) or [T, k, D] -> rows grouped by expert."""

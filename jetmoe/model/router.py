@@ -57,20 +57,33 @@ class _Fp32Linear(torch.autograd.Function):
         return (grad @ weight.float()).to(x.dtype), (grad.T @ x.float()).to(weight.dtype)
 
 
+def choose_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The k highest-scoring experts of each token [T, k], best first. A choice, not differentiated: the
+    gates take their gradient through a gather of the logits."""
+    return logits.detach().topk(top_k, dim=-1).indices
+
+
 class TopKRouter(nn.Module):
     """Linear scores -> top-k experts; gates are the softmax over the k chosen logits.
 
     Everything here runs in fp32 whatever the input dtype (Megatron's router recommendation): the logits'
-    matmul too, since bf16 logits flip near-tied top-k choices and blur the z-loss."""
+    matmul too, since bf16 logits flip near-tied top-k choices and blur the z-loss.
+
+    `choose(logits, top_k) -> expert_ids` is a seam (like a sparse layer's dispatcher): activation recompute
+    (jetmoe.parallel.activation_checkpoint) replays the forward's choice there instead of choosing again."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int):
         super().__init__()
         self.layer = nn.Linear(dim, num_experts, bias=False)
         self.num_experts = num_experts
         self.top_k = top_k
+        self.choose = choose_top_k
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = _Fp32Linear.apply(x, self.layer.weight)
-        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
-        gates = torch.softmax(top_logits, dim=-1)
+        expert_ids = self.choose(logits, self.top_k)
+        # The chosen logits through a one-hot product, not a gather: a gather's backward is a scatter-add,
+        # which has no deterministic CUDA kernel (and F.one_hot would sync on its range check).
+        chosen = (expert_ids.unsqueeze(-1) == torch.arange(self.num_experts, device=logits.device)).to(logits.dtype)
+        gates = torch.softmax(torch.einsum("te,tke->tk", logits, chosen), dim=-1)
         return Routing(expert_ids, gates, router_loss(logits, expert_ids))

@@ -37,7 +37,6 @@ from jetmoe.model import (
     make_lm_head,
     set_document_mask,
 )
-from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
 from jetmoe.parallel.topology import Layout, split_blocks
 
@@ -144,8 +143,7 @@ def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterL
 
 
 def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
-                   on_router_loss: RouterLossHook | None = None, activation_checkpointing: bool = False,
-                   document_mask: bool = False):
+                   on_router_loss: RouterLossHook | None = None, document_mask: bool = False):
     """This rank's stage of the pipeline, initialised identically for every layout."""
     weights = block_weights(config) if partition == "parameters" else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
@@ -161,9 +159,12 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
     module.global_names = global_param_names(module)
     init_like_transformers(module, config.initializer_range, seed, module.global_names)
     set_document_mask(module, document_mask)  # known up front: no per-block check of the position ids
-    if activation_checkpointing:
-        apply_activation_checkpointing(m.block for m in module.modules() if isinstance(m, BlockStage))
     return module
+
+
+def stage_blocks(module: nn.Module) -> list[JetMoEBlock]:
+    """The model blocks this stage holds."""
+    return [m.block for m in module.modules() if isinstance(m, BlockStage)]
 
 
 def stage_layers(module: nn.Module) -> dict[str, nn.Module]:

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel import expert
-from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline
+from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
 from jetmoe.data.config import resolve_user_path
 from jetmoe.training.config import precision
@@ -101,8 +102,6 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
     torch.manual_seed(cfg.train.seed)
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, cfg.train.seed,
                             grad_scale=1.0 / gas, on_router_loss=on_router_loss,
-                            activation_checkpointing=bool(cfg.parallel.activation_checkpointing
-                                                          or model_config.gradient_checkpointing),
                             document_mask=bool(cfg.data.document_mask))
     if precision(cfg) == "bf16":
         module.to(torch.bfloat16)
@@ -113,6 +112,8 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
         ep_group, ep_rank = expert.create_expert_groups(layout.ep, layout.pp)
         expert.apply_expert_parallel(module, ep_group, ep_rank, layout.ep, include_attention=cfg.parallel.ep_attention)
         initialize = expert.expert_aware_initialize
+    if cfg.parallel.activation_checkpointing or model_config.gradient_checkpointing:
+        apply_activation_checkpointing(stage_blocks(module))  # after expert parallelism: it wraps its dispatchers
     groups = param_groups(module, cfg.optim.weight_decay)
     if layout.ep > 1:
         groups = expert.moe_param_groups(groups)
