@@ -137,3 +137,11 @@ def relink_optimizer_state(zero_optimizer) -> None:
     safe_get_full_optimizer_state. Linking again once every group has state fixes the views."""
     zero_optimizer._hp_optimizer_states_linked = False
     zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def zero_fragment(param):
+    """DeepSpeed ZeRO-1/2's record of the part of `param` this rank's partition holds (None: none of it):
+    `.lp_fragment_address` (start, numel in the flattened parameter), `.hp_fragment` (its fp32 master) and
+    `.get_optim_state_fragment(key)`. The public safe_get_local_* helpers serve ZeRO-3 only; checkpoints
+    need the ZeRO-1 fragments to let each rank write and read only the state it holds."""
+    return getattr(param, "_hp_mapping", None)

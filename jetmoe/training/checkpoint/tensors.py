@@ -80,6 +80,18 @@ class TorchAccess:
     def inner(self) -> torch.optim.Optimizer:
         return self.optimizer
 
+    # -- this rank's own fragment (no collective): a flat range [start, start+numel) of the local tensor
+    def fragment(self, param, primary: bool) -> tuple[int, int] | None:
+        """(start, numel) in the flattened local tensor whose optimizer state this rank owns, or None.
+        A plain optimizer's state is replicated: the primary (dp rank 0) owns all of it."""
+        return (0, param.numel()) if primary else None
+
+    def get_fragment(self, param, key: str) -> torch.Tensor:
+        return self.get(param, key).reshape(-1)
+
+    def set_fragment(self, param, key: str, value: torch.Tensor) -> None:
+        self.set(param, key, value.reshape(param.shape))
+
     def step_tensors(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -130,6 +142,29 @@ class ZeroAccess(TorchAccess):
                 param.copy_(value.to(param.dtype))
         else:
             safe_set_full_optimizer_state(param, value, key)
+
+    def fragment(self, param, primary: bool) -> tuple[int, int] | None:
+        from jetmoe.parallel.deepspeed_internals import zero_fragment
+
+        mapping = zero_fragment(param)
+        if mapping is None:
+            return None
+        address = mapping.lp_fragment_address
+        return int(address.start), int(address.numel)
+
+    def get_fragment(self, param, key: str) -> torch.Tensor:
+        from jetmoe.parallel.deepspeed_internals import zero_fragment
+
+        mapping = zero_fragment(param)
+        if not self._states_exist():
+            return torch.zeros(mapping.lp_fragment_address.numel, dtype=torch.float32)
+        return mapping.get_optim_state_fragment(key).detach().float()
+
+    def set_fragment(self, param, key: str, value: torch.Tensor) -> None:
+        from jetmoe.parallel.deepspeed_internals import zero_fragment
+
+        target = zero_fragment(param).get_optim_state_fragment(key)
+        target.data.copy_(value.to(target.dtype).reshape(-1))
 
     def _flat_partitions(self):
         return list(self.zero.single_partition_of_fp32_groups)
