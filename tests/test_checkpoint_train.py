@@ -74,7 +74,10 @@ def test_pp1_to_pp3_ep2_and_back(reference, tmp_path, cache):
     assert sorted(rows3) == list(range(3, STEPS + 1))
     _assert_losses(rows3, ref, range(3, STEPS + 1), exact=False)
     folder = _ckpt(pp3, 4)
-    assert sorted(p.name for p in folder.glob("model-*.safetensors")) == [f"model-pp0{i}.safetensors" for i in range(3)]
+    # every rank wrote its own part: weights spread over each stage's dp ranks, its own ZeRO-1 fragments
+    assert sorted(p.name for p in folder.glob("model-*.safetensors")) == \
+        [f"model-pp0{i}-dp0{d}.safetensors" for i in range(3) for d in range(2)]
+    assert len(list(folder.glob("optimizer/exp_avg-pp0*-dp0*.safetensors"))) == 6
     assert json.loads((folder / "trainer_state.json").read_text())["layout"] == {"world": 6, "pp": 3, "dp": 2, "ep": 2}
 
     back = tmp_path / "pp1"

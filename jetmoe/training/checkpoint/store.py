@@ -79,6 +79,9 @@ class LocalComm:
     def broadcast(self, obj: Any) -> Any:
         return obj
 
+    def all_true(self, flag: bool) -> bool:
+        return bool(flag)
+
 
 class TorchComm:
     """Comm over the default torch.distributed group (objects travel pickled; they are small)."""
@@ -102,6 +105,13 @@ class TorchComm:
         box = [obj]
         self._dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_true(self, flag: bool) -> bool:
+        import torch
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN)
+        return bool(t.item())
 
 
 def default_comm():
