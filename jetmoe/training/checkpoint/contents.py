@@ -236,18 +236,26 @@ def save(root, step: int, module, optimizer, state: TrainingState, layout: Layou
 
 
 def read_into(folder, module, optimizer, state: TrainingState, layout: Layout = Layout.SINGLE, *,
-              global_names=None, verify: str = "full") -> dict:
+              global_names=None, verify: str = "full", finish: bool = True) -> dict:
     """Load a committed checkpoint folder into this rank's module / optimizer / scheduler / loader, reading
     only what this rank holds (its stage's weights, its expert rows, its ZeRO-1 fragments) and verifying
-    each file it reads (see parts.PartReader). Works for any (pp, dp, ep) of the saving run; no collective.
-    Returns trainer_state.json; state.bytes_read counts the bytes read."""
+    each file it reads (see parts.PartReader). Works for any (pp, dp, ep) of the saving run; no collective
+    until finish_load. Returns trainer_state.json; state.bytes_read counts the bytes read. finish=False: the caller calls
+    finish_load(optimizer) (a collective) once every rank has read without error."""
     reader = PartReader(folder, verify)
     try:
         trainer_state = _read(reader, folder, module, optimizer, state, layout, global_names)
     finally:
         state.bytes_read = reader.bytes_read
         reader.close()
+    if finish:
+        finish_load(optimizer)
     return trainer_state
+
+
+def finish_load(optimizer) -> None:
+    """After read_into on every rank (collective): rebuild working weights from the loaded fp32 partitions."""
+    access_for(optimizer).finish_load()
 
 
 def _read(reader, folder, module, optimizer, state, layout, global_names) -> dict:
@@ -271,14 +279,16 @@ def _read(reader, folder, module, optimizer, state, layout, global_names) -> dic
             raise JetMoEError(f"{folder}: {e.name} has shape {whole}, this model needs {expected}; "
                               "the model config differs from the one it was saved with")
         lo = e.ep_rank * e.param.numel()  # this rank's expert rows are one flat range of the whole tensor
-        if e.ep_group is None:
-            value = reader.tensor(file, e.name)
+        frag = access.fragment(e.param, primary=True)
+        if access.partitioned:  # only this rank's ZeRO partition of the fp32 master; finish_load does the rest
+            if frag is not None and frag[1]:
+                access.set_fragment(e.param, None, reader.tensor(file, e.name, lo + frag[0], lo + frag[0] + frag[1]))
+        elif e.ep_group is None:
+            access.set(e.param, None, reader.tensor(file, e.name))
         else:
-            value = reader.tensor(file, e.name, lo, lo + e.param.numel()).reshape(e.param.shape)
-        access.set(e.param, None, value)
+            access.set(e.param, None, reader.tensor(file, e.name, lo, lo + e.param.numel()).reshape(e.param.shape))
         if not with_optimizer:
             continue
-        frag = access.fragment(e.param, primary=True)
         if frag is None or frag[1] == 0:
             continue
         for key in OPTIMIZER_KEYS:

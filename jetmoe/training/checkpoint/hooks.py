@@ -97,12 +97,13 @@ class CheckpointManager:
             problem = None
             try:
                 saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
-                                           global_names=self.global_names, verify=self.verify)
+                                           global_names=self.global_names, verify=self.verify, finish=False)
             except JetMoEError as e:
                 problem = str(e)
             problems = self.comm.gather(problem)
             problem = self.comm.broadcast(next((p for p in problems if p), None) if problems else None)
             if problem is None:
+                contents.finish_load(self.optimizer)
                 break
             if spec.lower() != "auto":
                 raise JetMoEError(f"checkpoint {found} is damaged: {problem}; pass an earlier checkpoint")

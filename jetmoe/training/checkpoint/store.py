@@ -133,6 +133,18 @@ class FileRecord:
     sha256: str
     tensors: list[str] = field(default_factory=list)  # safetensors files: the keys inside
     parts: dict = field(default_factory=dict)  # fragment files: key -> [start, numel, whole shape]
+    block: int = 0  # bytes per hashed block (0: none)
+    blocks: list[str] = field(default_factory=list)  # sha256 of each block: a reader of a range verifies only it
+
+
+def block_size(size: int) -> int:
+    """About 64 blocks per file, 64 KiB to 16 MiB each: a rank reading part of a file verifies little more."""
+    return min(16 << 20, max(64 << 10, -(-size // 64 // (64 << 10)) * (64 << 10)))
+
+
+def block_hashes(data, block: int) -> list[str]:
+    view = memoryview(data)
+    return [hashlib.sha256(view[i : i + block]).hexdigest() for i in range(0, len(view), block)]
 
 
 class CheckpointWriter:
@@ -185,7 +197,9 @@ class CheckpointWriter:
         except OSError as e:
             self.error = self._describe(e, path)
             return
-        self.records.append(FileRecord(name, len(data), digest.hexdigest(), tensors, parts or {}))
+        block = block_size(len(data))
+        self.records.append(FileRecord(name, len(data), digest.hexdigest(), tensors, parts or {}, block,
+                                       block_hashes(data, block)))
 
     @property
     def bytes_written(self) -> int:
@@ -268,7 +282,8 @@ class CheckpointWriter:
             "format": FORMAT,
             "version": VERSION,
             "step": self.step,
-            "files": {r.name: {"size": r.size, "sha256": r.sha256} for r in sorted(records, key=lambda r: r.name)},
+            "files": {r.name: {"size": r.size, "sha256": r.sha256, **({"block": r.block, "blocks": r.blocks} if r.block else {})}
+                      for r in sorted(records, key=lambda r: r.name)},
         }
         _replace_atomically(self.staging / MANIFEST, _json_bytes(manifest))
         old = None

@@ -92,6 +92,11 @@ class TorchAccess:
     def set_fragment(self, param, key: str, value: torch.Tensor) -> None:
         self.set(param, key, value.reshape(param.shape))
 
+    partitioned = False  # True: weights load by fragment, then finish_load() rebuilds the working copies
+
+    def finish_load(self) -> None:
+        pass
+
     def step_tensors(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -160,11 +165,20 @@ class ZeroAccess(TorchAccess):
             return torch.zeros(mapping.lp_fragment_address.numel, dtype=torch.float32)
         return mapping.get_optim_state_fragment(key).detach().float()
 
-    def set_fragment(self, param, key: str, value: torch.Tensor) -> None:
+    def set_fragment(self, param, key: str | None, value: torch.Tensor) -> None:
+        """key None: the fp32 master fragment (finish_load then rebuilds every rank's working copy)."""
         from jetmoe.parallel.deepspeed_internals import zero_fragment
 
-        target = zero_fragment(param).get_optim_state_fragment(key)
+        mapping = zero_fragment(param)
+        target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)
         target.data.copy_(value.to(target.dtype).reshape(-1))
+
+    partitioned = True
+
+    def finish_load(self) -> None:
+        """Collective over dp: working copies from the loaded fp32 partitions (DeepSpeed's own universal-
+        checkpoint load does the same), so no rank reads weights beyond its partition."""
+        self.zero.update_lp_params()
 
     def _flat_partitions(self):
         return list(self.zero.single_partition_of_fp32_groups)
