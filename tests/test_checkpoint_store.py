@@ -103,12 +103,12 @@ def test_resolve_none_and_empty(tmp_path):
 def _fail_on(monkeypatch, predicate, exc):
     real = store.write_bytes
 
-    def writer(path, data):
+    def writer(path, data, **kw):
         if predicate(Path(path)):
             with open(path, "wb") as f:  # part of the file reaches the disk, as with a real full disk
                 f.write(bytes(memoryview(data)[: len(data) // 3]))
             raise exc
-        real(path, data)
+        real(path, data, **kw)
 
     monkeypatch.setattr(store, "write_bytes", writer)
 

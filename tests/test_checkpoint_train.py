@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from jetmoe.training.checkpoint import list_checkpoints, read_latest, verify
-from helpers.ckpt_run import command, env, metrics, pretrain, workers
+from helpers.ckpt_run import ROOT, command, env, metrics, pretrain, workers
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -74,8 +75,25 @@ def test_pp1_to_pp3_ep2_and_back(reference, tmp_path, cache):
     assert sorted(rows3) == list(range(3, STEPS + 1))
     _assert_losses(rows3, ref, range(3, STEPS + 1), exact=False)
     folder = _ckpt(pp3, 4)
-    assert sorted(p.name for p in folder.glob("model-*.safetensors")) == [f"model-pp0{i}.safetensors" for i in range(3)]
+    # every rank wrote its own part: weights spread over each stage's dp ranks, its own ZeRO-1 fragments
+    assert sorted(p.name for p in folder.glob("model-*.safetensors")) == \
+        [f"model-pp0{i}-dp0{d}.safetensors" for i in range(3) for d in range(2)]
+    assert len(list(folder.glob("optimizer/exp_avg-pp0*-dp0*.safetensors"))) == 6
     assert json.loads((folder / "trainer_state.json").read_text())["layout"] == {"world": 6, "pp": 3, "dp": 2, "ep": 2}
+
+    # same layout, asynchronous saves: each rank reads only its part (bounded bytes), the resume is exact
+    again = tmp_path / "pp3-again"
+    run = pretrain(again, "train.max_steps=6", "checkpoint.every=2", "parallel.pp=3", "parallel.ep=2",
+                   "checkpoint.async=true", f"checkpoint.resume={folder}", nproc=6, cache_dir=cache)
+    assert "writing in the background" in run.stdout and read_latest(again / "checkpoints") == "step_00000006"
+    ratio = float(re.search(r"bytes read per rank: max \d+, share \d+ \(([\d.]+)x\)", run.stdout).group(1))
+    assert ratio <= 1.5, run.stdout
+    _assert_losses(metrics(again), rows3, range(5, 7), exact=True)
+    # another ZeRO-1 partition of the same stages (experts no longer split over ep)
+    ep1 = tmp_path / "pp3-ep1"
+    pretrain(ep1, "train.max_steps=6", "parallel.pp=3", "parallel.ep=1", f"checkpoint.resume={folder}", nproc=6,
+             cache_dir=cache)
+    _assert_losses(metrics(ep1), ref, range(5, 7), exact=False)
 
     back = tmp_path / "pp1"
     pretrain(back, f"train.max_steps={STEPS}", f"checkpoint.resume={folder}", cache_dir=cache)
@@ -145,6 +163,26 @@ def test_kill9_under_torchrun_restarts_and_resumes(reference, tmp_path, cache):
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [f"step_{STEPS:08d}", f"step_{STEPS - 2:08d}"]
 
 
+def test_kill9_during_async_save_keeps_latest_and_resumes(reference, tmp_path, cache):
+    _, ref = reference
+    cmd = command(tmp_path, f"train.max_steps={STEPS}", "parallel.pp=2", "checkpoint.every=2", "checkpoint.async=true",
+                  nproc=2, max_restarts=1)
+    cmd[cmd.index(str(ROOT / "train/pretrain.py"))] = str(ROOT / "tests/helpers/slow_save_pretrain.py")
+    slow = {"JETMOE_TEST_SLOW_RANK": "1", "JETMOE_TEST_SLOW_STEP": "4", "JETMOE_TEST_SLOW_S": "3"}
+    proc = subprocess.Popen(cmd, env={**env(cache), **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path, 5, proc)  # the loop went on while step 4 was being written
+    root = tmp_path / "checkpoints"
+    assert (root / ".step_00000004.partial").is_dir() and read_latest(root) == "step_00000002"
+    os.kill(workers(proc.pid)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert f"resumed from {root / 'step_00000002'} at step 2" in out
+    rows = metrics(tmp_path)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    _assert_losses(rows, ref, range(1, STEPS + 1), exact=False)
+    assert read_latest(root) == f"step_{STEPS:08d}" and verify(_ckpt(tmp_path, STEPS)) == []
+
+
 def test_init_from_transformers_directory(reference, tmp_path, cache):
     from safetensors.torch import load_file
 
@@ -162,3 +200,18 @@ def test_init_from_transformers_directory(reference, tmp_path, cache):
     assert loaded.keys() == source.keys()
     assert all(torch.equal(loaded[k], source[k]) for k in source)
     assert metrics(run)[1]["lm_loss"] < ref[1]["lm_loss"]
+
+
+def test_bf16_dp2_resume_is_exact(tmp_path, cache):
+    """bf16 (BF16_Optimizer: fp32 masters and Adam moments partitioned over dp=2): resuming from step 2
+    gives the uninterrupted run's losses exactly."""
+    bf16 = ("train.precision=bf16", "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=0")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    pretrain(whole, *bf16, cache_dir=cache, nproc=2)
+    ref = metrics(whole)
+    shutil.copytree(_ckpt(whole, 2), _ckpt(resumed, 2))
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    pretrain(resumed, *bf16, cache_dir=cache, nproc=2)
+    rows = metrics(resumed)
+    assert sorted(rows) == [3, 4]
+    _assert_losses(rows, ref, [3, 4], exact=True)

@@ -161,3 +161,12 @@ def pipeline_logits(engine, inputs: tuple, labels: torch.Tensor) -> torch.Tensor
         engine.total_loss = None
         engine.reset_activation_shape()
     return logits
+
+
+def zero_fragment(param):
+    """DeepSpeed ZeRO-1/2's (and the BF16_Optimizer's) record of the part of `param` this rank's partition
+    holds (None: none of it):
+    `.lp_fragment_address` (start, numel in the flattened parameter), `.hp_fragment` (its fp32 master) and
+    `.get_optim_state_fragment(key)`. The public safe_get_local_* helpers serve ZeRO-3 only; checkpoints
+    need the ZeRO-1 fragments to let each rank write and read only the state it holds."""
+    return getattr(param, "_hp_mapping", None)

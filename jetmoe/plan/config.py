@@ -38,4 +38,5 @@ def inputs_from_config(cfg: Any) -> PlanInputs:
         precision=Precision.named(str(precision).lower()),
         checkpointing=bool(model.gradient_checkpointing or par.activation_checkpointing),
         document_mask=bool(data.document_mask),
+        storage_gbps=float(cluster.get("storage_gbps", 2.0)),
     )

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from jetmoe.errors import JetMoEError
+from jetmoe.plan.checkpoint import CheckpointPlan, checkpoint_plan
 from jetmoe.plan.hardware import GPU
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.parallel.topology import make_layout
@@ -35,6 +36,7 @@ class PlanInputs:
     checkpointing: bool = False
     eager_attention: bool = False
     document_mask: bool = False  # data.document_mask: attention keeps a seq x seq bias per block
+    storage_gbps: float = 2.0  # cluster.storage_gbps: checkpoint write bandwidth per node, GB/s
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Plan:
     dp_bytes_per_rank: int
     comm_seconds: float
     fits: bool
+    checkpoint: CheckpointPlan | None = None
     warnings: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
 
@@ -92,6 +95,10 @@ class Plan:
             "ep": i.layout.ep,
             "all_to_all_bytes_per_rank_per_step": self.a2a_bytes_per_rank,
             "pipeline_bytes_per_boundary_per_step": self.pipeline_bytes_per_boundary,
+            "checkpoint_bytes": self.checkpoint.total_bytes,
+            "checkpoint_bytes_per_rank": self.checkpoint.per_rank_bytes,
+            "checkpoint_write_seconds": round(self.checkpoint.write_seconds, 2),
+            "storage_gbps": self.checkpoint.storage_gbps,
             "warnings": self.warnings,
         }
 
@@ -156,6 +163,7 @@ def make_plan(inp: PlanInputs) -> Plan:
         flops_dense=f_dense, flops_attention=f_attn, tokens_per_step=tokens, step_seconds=step,
         tokens_per_sec=tokens / step, a2a_bytes_per_rank=a2a, pipeline_bytes_per_boundary=pipe,
         dp_bytes_per_rank=dp_bytes, comm_seconds=comm, fits=max(x.peak for x in memory) <= budget,
+        checkpoint=checkpoint_plan(stages, lay, counts.embedding if shape.tied else 0, inp.storage_gbps),
     )
     _advise(plan, per_dp, budget)
     return plan

@@ -49,6 +49,10 @@ def render(plan: Plan) -> str:
     add(("step time", f"{plan.step_seconds:.2f} s at {i.mfu:.0%} MFU while busy "
          f"(peak {i.gpu.peak_tflops:.0f} TFLOP/s bf16); comm estimate {plan.comm_seconds:.2f} s"))
     add(("throughput", f"{_n(plan.tokens_per_sec)} tokens/s, {_n(plan.tokens_per_day)} tokens/day"))
+    ck = plan.checkpoint
+    add(("checkpoint", f"{ck.total_bytes / 1e9:.1f} GB per save (fp32 weights + Adam), "
+         f"{' / '.join(f'{b / 1e9:.2f}' for b in ck.per_rank_bytes)} GB per rank by stage; "
+         f"{ck.write_seconds:.0f} s to write at {ck.storage_gbps:g} GB/s per node"))
     for w in plan.warnings:
         add(("WARNING", w))
     for s in plan.suggestions:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from jetmoe.errors import JetMoEError
 
@@ -123,7 +123,10 @@ class CheckpointSection:
     every: int = 0  # 0 = never
     dir: Optional[str] = None  # None = <run dir>/checkpoints
     resume: str = "auto"  # auto | none | PATH
-    keep: int = 2
+    keep: int = 2  # newest K kept (0 = all)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, forever (0 = off)
+    verify: str = "full"  # full: size + sha256 of each file a rank reads on resume | size: sizes only
+    # checkpoint.async (null = on with CUDA, off on CPU) is added in register_configs: `async` is a keyword
 
 
 @dataclass
@@ -153,6 +156,7 @@ class ClusterSection:
     mfu: float = 0.35  # planner's assumption
     gpu_memory_gib: Optional[float] = None  # None = table by gpu
     gpus_per_node: int = 8
+    storage_gbps: float = 2.0  # planner: checkpoint write bandwidth per node, GB/s
 
 
 @dataclass
@@ -169,7 +173,10 @@ class RunConfig:
 
 def register_configs() -> None:
     """Make the schema known to Hydra as `run_schema` (config.yaml lists it first in its defaults)."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    node = OmegaConf.structured(RunConfig)
+    with open_dict(node.checkpoint):
+        node.checkpoint["async"] = None  # true | false | null (= on with CUDA): write in a background thread
+    ConfigStore.instance().store(name="run_schema", node=node)
 
 
 def use_cuda(cfg: DictConfig) -> bool:

@@ -18,7 +18,7 @@ from jetmoe.errors import JetMoEError
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = "jetmoe-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: optimizer state as per-rank flat fragments (optimizer/index.json lists parts)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -128,12 +128,15 @@ def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
     return None
 
 
-def prune(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` committed checkpoints (keep <= 0: keep all) and stale staging folders."""
+def prune(root: str | Path, keep: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the newest `keep` committed checkpoints (keep <= 0: keep all) and stale staging folders.
+    keep_every > 0: checkpoints whose step is a multiple of it are kept forever (e.g. annealing branches)."""
     root = Path(root)
     removed = []
     if keep > 0:
         for folder in list_checkpoints(root)[keep:]:
+            if keep_every > 0 and int(_STEP_DIR.match(folder.name).group(1)) % keep_every == 0:
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     for child in root.iterdir() if root.is_dir() else []:

@@ -6,13 +6,20 @@ map, the optimizer, the scheduler, the data loader, a `train_state` with state_d
 travel with the checkpoint and the tokenizer that makes each checkpoint a complete transformers directory.
 
 Config: checkpoint.every (0 = only on a stop signal), checkpoint.dir (None = <run dir>/checkpoints),
-checkpoint.resume=auto|none|PATH, checkpoint.keep, model.init_from=PATH (a transformers directory).
+checkpoint.resume=auto|none|PATH, checkpoint.keep, checkpoint.keep_every, checkpoint.verify=full|size,
+checkpoint.async (null = on with CUDA), model.init_from=PATH (a transformers directory).
+
+Asynchronous saves: `save` blocks only while the tensors are copied to host buffers; a thread writes,
+hashes and fsyncs them. The save is committed (manifest, rename, `latest`) at the first step boundary
+where every rank's thread has finished (one tiny all-reduce per step while a save is in flight), or
+before the next save, a stop or the end. A crash before that leaves the previous checkpoint as `latest`.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +44,17 @@ class CheckpointManager:
         ck = cfg.checkpoint
         self.every = int(ck.every or 0)
         self.keep = int(ck.keep or 0)
+        self.keep_every = int(ck.get("keep_every") or 0)
+        self.verify = str(ck.get("verify") or "full")
+        if self.verify not in ("full", "size"):
+            raise JetMoEError(f"checkpoint.verify={self.verify} is unknown; use full or size")
+        background = ck.get("async")
+        if background is None:
+            background = any(p.is_cuda for p in module.parameters())
+        if not isinstance(background, bool):
+            raise JetMoEError(f"checkpoint.async={background} is not a boolean; use true, false or null (auto)")
+        self.background = background
+        self.pending = None  # (writer, files, step, started) of an asynchronous save not yet committed
         self.comm = store.default_comm()
         root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
@@ -58,19 +76,13 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------ hooks
     def resume(self) -> int:
         """Load the checkpoint that checkpoint.resume names (or model.init_from's weights); returns the
-        optimizer steps already done (0 for a fresh start)."""
+        optimizer steps already done (0 for a fresh start). Rank 0 picks the newest checkpoint whose
+        file sizes match its manifest; then every rank reads and verifies only its own part. If any rank
+        finds a file altered, `auto` falls back to the next older checkpoint."""
         spec = str(self.cfg.checkpoint.resume)
         if spec.lower() not in ("auto", "none") and not spec.startswith("/"):
             spec = str(resolve_user_path(spec))
-        found, problem = None, None
-        if self.comm.rank == 0:
-            try:
-                found = folders.resolve(spec, self.root, log=self._print)
-            except JetMoEError as e:
-                problem = str(e)
-        found, problem = self.comm.broadcast((str(found) if found else None, problem))
-        if problem:
-            raise JetMoEError(problem)
+        found = self._agree(lambda: folders.resolve(spec, self.root, hashes=False, log=self._print))
         init_from = self.cfg.model.get("init_from")
         if found is None:
             if init_from:
@@ -79,10 +91,28 @@ class CheckpointManager:
                                            global_names=self.global_names)
                 self._print(f"checkpoint: initialised weights from {init_from} ({time.perf_counter() - started:.1f}s)")
             return 0
-        started = time.perf_counter()
-        state = self._contents_state(0)
-        saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
-                                   global_names=self.global_names)
+        while True:
+            started = time.perf_counter()
+            state = self._contents_state(0)
+            problem = None
+            try:
+                saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
+                                           global_names=self.global_names, verify=self.verify, finish=False)
+            except JetMoEError as e:
+                problem = str(e)
+            problems = self.comm.gather(problem)
+            problem = self.comm.broadcast(next((p for p in problems if p), None) if problems else None)
+            if problem is None:
+                contents.finish_load(self.optimizer)
+                break
+            if spec.lower() != "auto":
+                raise JetMoEError(f"checkpoint {found} is damaged: {problem}; pass an earlier checkpoint")
+            failed = Path(found)
+            found = self._agree(lambda: self._older_intact(failed, problem))
+            if found is None:
+                raise JetMoEError(f"checkpoint {failed} is damaged ({problem}) and no older checkpoint is intact; "
+                                  "start with checkpoint.resume=none")
+        elapsed = time.perf_counter() - started
         extra = saved.get("extra") or {}
         if self.engine is not None:
             for key in ENGINE_COUNTERS:
@@ -92,25 +122,84 @@ class CheckpointManager:
         self.last_saved = state.step
         saved_layout, now = saved.get("layout", {}), self.layout.as_dict()
         moved = "" if saved_layout == now else f" (saved with {saved_layout}, now {now})"
-        self._print(f"checkpoint: resumed from {found} at step {state.step}{moved} "
-                    f"({time.perf_counter() - started:.1f}s)")
+        read = self.comm.gather(state.bytes_read)
+        if self.comm.rank == 0:
+            total = sum(m["size"] for m in folders.load_manifest(found)["files"].values())
+            share = total / self.comm.world_size
+            self._print(f"checkpoint: resumed from {found} at step {state.step}{moved} ({elapsed:.1f}s, "
+                        f"verify={self.verify}); bytes read per rank: max {max(read)}, share {share:.0f} "
+                        f"({max(read) / share:.2f}x)")
         return state.step
 
-    def save(self, step: int) -> Path:
-        started = time.perf_counter()
-        folder = contents.save(self.root, step, self.module, self.optimizer, self._contents_state(step), self.layout,
-                               model_config=self.model_config, global_names=self.global_names, keep=self.keep,
-                               comm=self.comm, tokenizer=self.tokenizer)
-        self.last_saved = step
+    def _agree(self, pick):
+        """Rank 0 runs pick() -> folder or None (JetMoEError: the problem); every rank gets the answer."""
+        found, problem = None, None
         if self.comm.rank == 0:
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            self._print(f"checkpoint: saved step {step} to {folder} ({size / 2**20:.1f} MiB, "
-                        f"{time.perf_counter() - started:.1f}s)")
+            try:
+                found = pick()
+            except JetMoEError as e:
+                problem = str(e)
+        found, problem = self.comm.broadcast((str(found) if found else None, problem))
+        if problem:
+            raise JetMoEError(problem)
+        return Path(found) if found else None
+
+    def _older_intact(self, failed: Path, problem: str):
+        older = [f for f in folders.list_checkpoints(failed.parent) if f.name < failed.name]
+        for folder in older:
+            if not folders.verify(folder, hashes=False):
+                self._print(f"checkpoint: {failed.name} is damaged ({problem}); falling back to {folder.name}")
+                return folder
+        return None
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save(self, step: int, background: bool = False) -> Path:
+        """Save step `step`. background: return once the tensors are on the host; the files are written
+        in a thread and committed later (commit_pending). Collective."""
+        if self.pending is not None:
+            writer, _, pending_step, _ = self.pending
+            if writer.writing():
+                waited = time.perf_counter()
+                writer.wait()
+                self._print(f"checkpoint: step {step} waited {time.perf_counter() - waited:.1f}s for the "
+                            f"save of step {pending_step} to finish writing")
+            self.commit_pending()
+        started = time.perf_counter()
+        writer = store.CheckpointWriter(self.root, step, self.comm)
+        files = contents.write(writer, self.module, self.optimizer, self._contents_state(step), self.layout,
+                               model_config=self.model_config, global_names=self.global_names,
+                               tokenizer=self.tokenizer, background=background)
+        self.last_saved = step
+        if background:
+            self.blocked_s = time.perf_counter() - started
+            self.pending = (writer, files, step, started)
+            self._print(f"checkpoint: step {step} copied to host in {self.blocked_s:.2f}s; writing in the background")
+            return writer.final
+        return self._commit(writer, files, step, started)
+
+    def commit_pending(self) -> Path | None:
+        """Commit the asynchronous save in flight, waiting for every rank's writes. Collective."""
+        if self.pending is None:
+            return None
+        writer, files, step, started = self.pending
+        self.pending = None
+        return self._commit(writer, files, step, started)
+
+    def _commit(self, writer, files, step: int, started: float) -> Path:
+        folder = writer.commit(files, keep=self.keep, keep_every=self.keep_every)
+        written = self.comm.gather(writer.bytes_written)
+        if self.comm.rank == 0:
+            mean = sum(written) / len(written)
+            self._print(f"checkpoint: saved step {step} to {folder} ({sum(written) / 2**20:.1f} MiB, "
+                        f"{time.perf_counter() - started:.1f}s; busiest rank wrote {max(written) / max(mean, 1):.2f}x "
+                        f"the mean)")
         return folder
 
     def after_step(self, step: int) -> None:
+        if self.pending is not None and self.comm.all_true(not self.pending[0].writing()):
+            self.commit_pending()
         if self.every and step % self.every == 0:
-            self.save(step)
+            self.save(step, background=self.background)
 
     def should_stop(self, step: int) -> bool:
         """True once any rank received a stop signal; the step is then saved first (collective)."""
@@ -119,9 +208,11 @@ class CheckpointManager:
         self._print(f"checkpoint: {self.signal.name()} received; stopping after step {step}")
         if self.last_saved != step:
             self.save(step)
+        self.commit_pending()
         return True
 
     def finish(self, step: int) -> None:
         self.signal.restore()
         if self.every and self.last_saved != step and step > 0:
             self.save(step)
+        self.commit_pending()

@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,12 +38,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write and fsync; the one place bytes reach the disk (tests patch it to simulate a full disk)."""
+def write_bytes(path: Path, data: bytes | memoryview, digest=None) -> None:
+    """Write and fsync, feeding `digest` (a hashlib object) with each chunk as it goes out (no read-back).
+    The one place bytes reach the disk (tests patch it to simulate a full disk or a crash)."""
     with open(path, "wb") as f:
         view = memoryview(data)
         for start in range(0, len(view), 1 << 26):
-            f.write(view[start : start + (1 << 26)])
+            chunk = view[start : start + (1 << 26)]
+            f.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
         f.flush()
         os.fsync(f.fileno())
 
@@ -73,6 +79,9 @@ class LocalComm:
     def broadcast(self, obj: Any) -> Any:
         return obj
 
+    def all_true(self, flag: bool) -> bool:
+        return bool(flag)
+
 
 class TorchComm:
     """Comm over the default torch.distributed group (objects travel pickled; they are small)."""
@@ -97,6 +106,13 @@ class TorchComm:
         self._dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_true(self, flag: bool) -> bool:
+        import torch
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN)
+        return bool(t.item())
+
 
 def default_comm():
     try:
@@ -116,6 +132,19 @@ class FileRecord:
     size: int
     sha256: str
     tensors: list[str] = field(default_factory=list)  # safetensors files: the keys inside
+    parts: dict = field(default_factory=dict)  # fragment files: key -> [start, numel, whole shape]
+    block: int = 0  # bytes per hashed block (0: none)
+    blocks: list[str] = field(default_factory=list)  # sha256 of each block: a reader of a range verifies only it
+
+
+def block_size(size: int) -> int:
+    """About 64 blocks per file, 64 KiB to 16 MiB each: a rank reading part of a file verifies little more."""
+    return min(16 << 20, max(64 << 10, -(-size // 64 // (64 << 10)) * (64 << 10)))
+
+
+def block_hashes(data, block: int) -> list[str]:
+    view = memoryview(data)
+    return [hashlib.sha256(view[i : i + block]).hexdigest() for i in range(0, len(view), block)]
 
 
 class CheckpointWriter:
@@ -131,6 +160,8 @@ class CheckpointWriter:
         self.staging = self.root / f".{step_dir_name(self.step)}.partial"
         self.records: list[FileRecord] = []
         self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self.write_s = 0.0  # seconds this rank spent serialising, writing, hashing and fsyncing
         problem = None
         if self.comm.rank == 0:
             try:
@@ -145,24 +176,56 @@ class CheckpointWriter:
             raise JetMoEError(problem)
 
     # -- per-rank writes (never raise for I/O: the error travels to commit so no rank hangs)
-    def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str] | None = None,
+                      parts: dict | None = None) -> None:
         if self.error:
             return
         from safetensors.torch import save
 
+        started = time.perf_counter()
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         data = save(tensors, metadata=metadata)
-        self._write(name, data, sorted(tensors))
+        self._write(name, data, sorted(tensors), parts)
+        self.write_s += time.perf_counter() - started
 
-    def _write(self, name: str, data: bytes, tensors: list[str]) -> None:
+    def _write(self, name: str, data: bytes, tensors: list[str], parts: dict | None = None) -> None:
         path = self.staging / name
+        digest = hashlib.sha256()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes(path, data)
+            write_bytes(path, data, digest=digest)
         except OSError as e:
             self.error = self._describe(e, path)
             return
-        self.records.append(FileRecord(name, len(data), hashlib.sha256(data).hexdigest(), tensors))
+        block = block_size(len(data))
+        self.records.append(FileRecord(name, len(data), digest.hexdigest(), tensors, parts or {}, block,
+                                       block_hashes(data, block)))
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(r.size for r in self.records)
+
+    # -- asynchronous writes: the files' tensors are already host copies; a thread writes them
+    def write_in_background(self, jobs: list[tuple]) -> None:
+        """jobs: (name, tensors, metadata, parts) as for write_tensors. `commit` waits for them."""
+
+        def run():
+            try:
+                for job in jobs:
+                    self.write_tensors(*job)
+            except BaseException as e:  # noqa: BLE001 (carried to commit, which raises it on every rank)
+                self.error = self.error or f"checkpoint step {self.step} could not be written: {e!r}"
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{self.step}", daemon=True)
+        self._thread.start()
+
+    def writing(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def _describe(self, e: OSError, path: Path) -> str:
         if e.errno in _DISK_FULL:
@@ -176,8 +239,10 @@ class CheckpointWriter:
         return f"checkpoint step {self.step} could not be written: {what} while writing {path}; {kept}; {fix}"
 
     # -- collective
-    def commit(self, extra_files: dict[str, Any] | None = None, keep: int = 0) -> Path:
-        """extra_files: name -> JSON object, written by rank 0 (indexes, trainer state). Returns the folder."""
+    def commit(self, extra_files: dict[str, Any] | None = None, keep: int = 0, keep_every: int = 0) -> Path:
+        """extra_files: name -> JSON object, written by rank 0 (indexes, trainer state). Returns the folder.
+        Waits for this rank's background writes; publishes only when every rank's files are durable."""
+        self.wait()
         gathered = self.comm.gather((self.error, self.records))
         problem = None
         if self.comm.rank == 0:
@@ -203,7 +268,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 problem = errors[0]
             else:
-                prune(self.root, keep)
+                prune(self.root, keep, keep_every)
         problem = self.comm.broadcast(problem)
         if problem:
             raise JetMoEError(problem)
@@ -217,7 +282,8 @@ class CheckpointWriter:
             "format": FORMAT,
             "version": VERSION,
             "step": self.step,
-            "files": {r.name: {"size": r.size, "sha256": r.sha256} for r in sorted(records, key=lambda r: r.name)},
+            "files": {r.name: {"size": r.size, "sha256": r.sha256, **({"block": r.block, "blocks": r.blocks} if r.block else {})}
+                      for r in sorted(records, key=lambda r: r.name)},
         }
         _replace_atomically(self.staging / MANIFEST, _json_bytes(manifest))
         old = None

@@ -80,6 +80,23 @@ class TorchAccess:
     def inner(self) -> torch.optim.Optimizer:
         return self.optimizer
 
+    # -- this rank's own fragment (no collective): a flat range [start, start+numel) of the local tensor
+    def fragment(self, param, primary: bool) -> tuple[int, int] | None:
+        """(start, numel) in the flattened local tensor whose optimizer state this rank owns, or None.
+        A plain optimizer's state is replicated: the primary (dp rank 0) owns all of it."""
+        return (0, param.numel()) if primary else None
+
+    def get_fragment(self, param, key: str) -> torch.Tensor:
+        return self.get(param, key).reshape(-1)
+
+    def set_fragment(self, param, key: str, value: torch.Tensor) -> None:
+        self.set(param, key, value.reshape(param.shape))
+
+    partitioned = False  # True: weights load by fragment, then finish_load() rebuilds the working copies
+
+    def finish_load(self) -> None:
+        pass
+
     def step_tensors(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -131,6 +148,38 @@ class ZeroAccess(TorchAccess):
                 param.copy_(value.to(param.dtype))
         else:
             safe_set_full_optimizer_state(param, value, key)
+
+    def fragment(self, param, primary: bool) -> tuple[int, int] | None:
+        from jetmoe.parallel.deepspeed_internals import zero_fragment
+
+        mapping = zero_fragment(param)
+        if mapping is None:
+            return None
+        address = mapping.lp_fragment_address
+        return int(address.start), int(address.numel)
+
+    def get_fragment(self, param, key: str) -> torch.Tensor:
+        from jetmoe.parallel.deepspeed_internals import zero_fragment
+
+        mapping = zero_fragment(param)
+        if not self._states_exist():
+            return torch.zeros(mapping.lp_fragment_address.numel, dtype=torch.float32)
+        return mapping.get_optim_state_fragment(key).detach().float()
+
+    def set_fragment(self, param, key: str | None, value: torch.Tensor) -> None:
+        """key None: the fp32 master fragment (finish_load then rebuilds every rank's working copy)."""
+        from jetmoe.parallel.deepspeed_internals import zero_fragment
+
+        mapping = zero_fragment(param)
+        target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)
+        target.data.copy_(value.to(target.dtype).reshape(-1))
+
+    partitioned = True
+
+    def finish_load(self) -> None:
+        """Collective over dp: working copies from the loaded fp32 partitions (DeepSpeed's own universal-
+        checkpoint load does the same), so no rank reads weights beyond its partition."""
+        self.zero.update_lp_params()
 
     def _flat_partitions(self):
         flat = getattr(self.zero, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
