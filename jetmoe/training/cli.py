@@ -140,7 +140,11 @@ def main() -> None:
         except Exception as e:  # any rank: printed with its rank, peers told, the job ends (failures.py)
             fail(e)
 
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler is in place (start-up): nothing to save yet
+        print("interrupted (SIGINT) before training started; nothing was saved", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _fail(e: BaseException) -> None:

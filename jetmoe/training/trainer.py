@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.model import aux_loss
-from jetmoe.parallel.process_group import init_process_group
+from jetmoe.parallel.process_group import init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager
 from jetmoe.training.config import data_config, model_config, precision, use_cuda
@@ -26,6 +26,8 @@ from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.router_stats import RouterTracker
+from jetmoe.training.run_lock import lock_for_job
+from jetmoe.training.run_record import record_config
 from jetmoe.training.watchdog import Watchdog
 
 
@@ -65,6 +67,7 @@ class Trainer:
         self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
+        self.lock = lock_for_job(self.run_dir, self.is_rank0)  # one job per run directory (before any write)
         self.model_config = model_config(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         mc = self.model_config
@@ -75,6 +78,7 @@ class Trainer:
         self.data = self._build_data()
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
         set_deterministic(cfg.train.deterministic)  # before the engine exists (cuBLAS reads it at start-up)
+        start_deepspeed_comm(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(cfg, mc, self.layout, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
@@ -83,9 +87,6 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_step = flops_per_token(mc, cfg.data.seq_len) * self.tokens_per_step
         self.peak = peak_tflops(cfg, self.cuda, precision(cfg) == "bf16")
-        if self.is_rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics = MetricsLogger(self.run_dir, cfg, self.is_rank0, cfg.train.max_steps)
         self.metrics.print(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                            f"| micro-batches per step {self.parts.grad_accumulation} | precision {precision(cfg)} "
@@ -114,6 +115,8 @@ class Trainer:
         cfg = self.cfg
         rows = []
         self.checkpoint.resume()
+        if self.is_rank0:  # every check passed: the directory now describes this launch too
+            record_config(self.run_dir, cfg, self.state.step)
         self.metrics.set_start(self.state.step)
         stop = False
         while self.state.step < cfg.train.max_steps and not stop:
@@ -226,3 +229,5 @@ def run(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     finally:
         if hasattr(trainer, "metrics"):
             trainer.close()
+        if getattr(trainer, "lock", None) is not None:
+            trainer.lock.release()

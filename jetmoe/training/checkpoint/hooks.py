@@ -20,7 +20,7 @@ from jetmoe.data.config import resolve_user_path
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel.topology import Layout
 from jetmoe.training.checkpoint import contents, folders, store
-from jetmoe.training.checkpoint.signals import StopSignal
+from jetmoe.training.checkpoint.signals import StopSignal, report_stop
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the PipelineEngine's own step counters
 
@@ -41,6 +41,7 @@ class CheckpointManager:
         root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
         self.last_saved: int | None = None
+        self.run_dir = Path(run_dir)
         self.signal = StopSignal()
 
     def _print(self, text: str) -> None:
@@ -119,6 +120,10 @@ class CheckpointManager:
         self._print(f"checkpoint: {self.signal.name()} received; stopping after step {step}")
         if self.last_saved != step:
             self.save(step)
+        if self.comm.rank == 0:
+            line = report_stop(self.signal.name(), step, self.root / folders.step_dir_name(step), self.run_dir)
+            if line:
+                self._print(line)
         return True
 
     def finish(self, step: int) -> None:
