@@ -28,6 +28,7 @@ from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_
 from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
+from jetmoe.training.validate import check_values
 from jetmoe.training.watchdog import Watchdog
 
 
@@ -62,6 +63,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        check_values(cfg)  # also when the entry point's up-front check was skipped (Hydra flags such as -m)
         self.cuda = use_cuda(cfg)
         self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))
         self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
