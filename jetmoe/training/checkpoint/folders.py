@@ -167,28 +167,32 @@ def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
     return None
 
 
-def prune(root: str | Path, keep: int, hashes: bool = True) -> list[Path]:
-    """Keep the newest `keep` intact checkpoints (keep <= 0: keep all); delete older intact ones and stale
-    staging folders. Damaged folders neither count nor are deleted, so the newest intact checkpoint always
-    stays, and a checkpoint newer than the one a run resumed from outlives that run's first saves.
+def prune(root: str | Path, keep: int, hashes: bool = True, protect: str | Path | None = None) -> list[Path]:
+    """Keep the newest `keep` intact checkpoints (keep <= 0: keep all) and `protect` (the folder just
+    committed); delete older intact ones and stale staging folders. Damaged folders neither count nor are
+    deleted, so the newest intact checkpoint always stays, and checkpoints newer than the one a run resumed
+    from outlive that run's saves until `keep` newer intact ones exist.
 
-    Counting reads hashes once per folder this process neither wrote nor checked (`hashes`); a folder to
-    delete is checked by size only (re-reading every byte of old checkpoints at each save would cost minutes
-    at 8B scale) unless this process already found it damaged."""
+    A folder this process neither wrote nor checked is verified once (`hashes`: every byte read) before it
+    counts or is deleted; its verdict is remembered for later saves."""
     root = Path(root)
+    protect = Path(protect).resolve() if protect is not None else None
     removed = []
     if keep > 0:
         intact = 0
         for folder in list_checkpoints(root):
-            known = _KNOWN.get(folder.resolve())
-            if intact < keep:
-                if known is None:
-                    known = not verify(folder, hashes)
-                intact += bool(known)
-            elif known is not False and not _problems(folder, hashes=False):
-                shutil.rmtree(folder, ignore_errors=True)
-                _KNOWN.pop(folder.resolve(), None)
-                removed.append(folder)
+            key = folder.resolve()
+            known = _KNOWN.get(key)
+            if known is None:
+                known = not verify(folder, hashes)
+            if not known:
+                continue
+            if intact < keep or key == protect:
+                intact += 1
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            _KNOWN.pop(key, None)
+            removed.append(folder)
     for child in root.iterdir() if root.is_dir() else []:
         if child.name.startswith(".step_") and child.name.endswith((".partial", ".old")):
             shutil.rmtree(child, ignore_errors=True)

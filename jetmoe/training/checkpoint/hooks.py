@@ -127,6 +127,7 @@ class CheckpointManager:
         return True
 
     def finish(self, step: int) -> None:
-        self.signal.restore()
+        if not self.signal.received:  # after a stop, a second Ctrl-C during teardown still exits at once
+            self.signal.restore()
         if self.every and self.last_saved != step and step > 0:
             self.save(step)

@@ -204,7 +204,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 problem = errors[0]
             else:
-                prune(self.root, keep)
+                prune(self.root, keep, protect=self.final)
         problem = self.comm.broadcast(problem)
         if problem:
             raise JetMoEError(problem)
