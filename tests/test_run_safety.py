@@ -212,6 +212,16 @@ def test_sigint_checkpoints_and_exits_0_and_a_second_one_exits_at_once(tmp_path,
     stopped = max(metrics(tmp_path / "once"))
     assert out.strip().splitlines()[-1].startswith(f"stopped by SIGINT after step {stopped}; checkpoint ")
     assert "resume with: python train/pretrain.py" in out and verify(_ckpt(tmp_path / "once", stopped)) == []
+    fingerprint = json.loads((_ckpt(tmp_path / "once", stopped) / "trainer_state.json").read_text())["extra"]
+    assert set(fingerprint["data_fingerprint"]) == {"tokenizer", "sources", "id"}
+
+    # resuming onto other data (a smaller slice of the corpus) stops, unless the user says continue
+    other = ("data.max_tokens=30000", f"train.max_steps={stopped + 1}")
+    line = user_error(run(tmp_path / "once", *other, cache=cache))
+    assert "was trained on other data" in line and "tokens" in line and "checkpoint.data_changed=continue" in line
+    out = ok(run(tmp_path / "once", *other, "checkpoint.data_changed=continue", cache=cache)).stdout
+    assert "continuing on the new data" in out and f"resumed from" in out
+    assert max(metrics(tmp_path / "once")) == stopped + 1
 
     proc = _start(tmp_path / "twice", cache, "train.global_batch_size=64", "train.micro_batch_size=8",
                   "data.seq_len=128")  # steps of a second or more

@@ -118,6 +118,7 @@ class CheckpointSection:
     dir: Optional[str] = None  # None = <run dir>/checkpoints
     resume: str = "auto"  # auto | none | PATH
     keep: int = 2
+    data_changed: str = "stop"  # resuming onto other data: stop | continue (weights, optimizer, step; new data order)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from jetmoe.data.fingerprint import data_fingerprint
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.model import aux_loss
@@ -97,7 +98,7 @@ class Trainer:
             cfg, self.run_dir, module=self.parts.module, global_names=self.parts.global_names,
             optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
             train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine,
-            tokenizer=self.data.tokenizer)
+            tokenizer=self.data.tokenizer, data_fingerprint=data_fingerprint(self.data))
         return self
 
     def _build_data(self):

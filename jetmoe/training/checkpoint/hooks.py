@@ -6,7 +6,8 @@ map, the optimizer, the scheduler, the data loader, a `train_state` with state_d
 travel with the checkpoint and the tokenizer that makes each checkpoint a complete transformers directory.
 
 Config: checkpoint.every (0 = only on a stop signal), checkpoint.dir (None = <run dir>/checkpoints),
-checkpoint.resume=auto|none|PATH, checkpoint.keep, model.init_from=PATH (a transformers directory).
+checkpoint.resume=auto|none|PATH, checkpoint.keep, model.init_from=PATH (a transformers directory),
+checkpoint.data_changed=stop|continue (what a resume onto data with another fingerprint does).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the Pip
 
 class CheckpointManager:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, *, module, global_names: dict[str, str], optimizer,
-                 scheduler, loader, train_state, layout: Layout, model_config, engine=None, tokenizer=None) -> None:
+                 scheduler, loader, train_state, layout: Layout, model_config, engine=None, tokenizer=None,
+                 data_fingerprint: dict | None = None) -> None:
         self.cfg = cfg
         self.module, self.global_names = module, global_names
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.train_state, self.engine = train_state, engine
         self.layout, self.model_config = layout, model_config
         self.tokenizer = tokenizer  # saved beside the weights, so each checkpoint is a transformers directory
+        self.data_fingerprint = data_fingerprint  # stored in trainer_state extra, compared on resume
         ck = cfg.checkpoint
         self.every = int(ck.every or 0)
         self.keep = int(ck.keep or 0)
@@ -53,6 +56,8 @@ class CheckpointManager:
         extra.pop("step", None)
         if self.engine is not None:
             extra.update({key: int(getattr(self.engine, key)) for key in ENGINE_COUNTERS})
+        if self.data_fingerprint is not None:
+            extra["data_fingerprint"] = self.data_fingerprint
         return contents.TrainingState(step=step, scheduler=self.scheduler, loader=self.loader,
                                       config=OmegaConf.to_container(self.cfg, resolve=True), extra=extra)
 
@@ -82,6 +87,8 @@ class CheckpointManager:
             return 0
         started = time.perf_counter()
         state = self._contents_state(0)
+        if not self._same_data(Path(found)):
+            state.loader = None  # checkpoint.data_changed=continue: the new data's order starts at its beginning
         saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
                                    global_names=self.global_names)
         extra = saved.get("extra") or {}
@@ -96,6 +103,27 @@ class CheckpointManager:
         self._print(f"checkpoint: resumed from {found} at step {state.step}{moved} "
                     f"({time.perf_counter() - started:.1f}s)")
         return state.step
+
+    def _same_data(self, found: Path) -> bool:
+        """False when the checkpoint was trained on other data and checkpoint.data_changed=continue; raises
+        when it was and the key says stop. Checkpoints without a fingerprint (older ones) count as the same."""
+        from jetmoe.data.fingerprint import describe_change
+
+        choice = str(self.cfg.checkpoint.get("data_changed", "stop"))
+        if choice not in ("stop", "continue"):
+            raise JetMoEError(f"checkpoint.data_changed={choice!r} is unknown; use stop or continue")
+        saved = (folders.CheckpointReader(found).json(contents.TRAINER_STATE).get("extra") or {}).get("data_fingerprint")
+        now = self.data_fingerprint
+        if saved is None or now is None or saved.get("id") == now.get("id"):
+            return True
+        change = describe_change(saved, now)
+        if choice == "stop":
+            raise JetMoEError(f"checkpoint {found} was trained on other data ({change}); to keep its weights, "
+                              "optimizer and step on this data pass checkpoint.data_changed=continue (the data order "
+                              "restarts), or start over with checkpoint.resume=none")
+        self._print(f"checkpoint: data changed since {found.name} ({change}); continuing on the new data "
+                    "(checkpoint.data_changed=continue), its order from the start")
+        return False
 
     def save(self, step: int) -> Path:
         started = time.perf_counter()
