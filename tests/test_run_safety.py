@@ -287,3 +287,24 @@ def test_lock_holder_on_another_host_is_named_and_a_requeued_slurm_job_takes_ove
         RunLock.acquire(tmp_path, said.append)
     lock.release()
     assert not (tmp_path / LOCK).exists()
+
+
+def test_damaged_token_cache_is_named_before_deepspeed_starts(tmp_path):
+    cache = tmp_path / "cache"
+    ok(run(tmp_path / "first", "train.max_steps=1", cache=cache))
+    (tokens,) = cache.glob("tokens/*/tokens.bin")
+    tokens.write_bytes(tokens.read_bytes()[:-64])
+    out = run(tmp_path / "second", "train.max_steps=1", cache=cache)
+    line = user_error(out)
+    assert f"token cache {tokens.parent} is damaged" in line and f"delete {tokens.parent}" in line
+    assert "DeepSpeed" not in out.stdout  # the user's error is the first and only line
+
+
+def test_deepspeed_sh_checks_the_hostfile(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode001 slots=8\n\nnode002 slots=abc\n")
+    out = subprocess.run([str(ROOT / "launch/deepspeed.sh")], env={**os.environ, "HOSTFILE": str(hostfile)},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == (f"launch/deepspeed.sh: {hostfile}:4: 'node002 slots=abc' is not 'HOST slots=N' "
+                                  "(N a positive integer); see launch/hostfile.example")

@@ -89,7 +89,18 @@ def write_token_cache(ds, tokenizer: TextTokenizer, out_dir: Path, description: 
 
 
 def open_token_cache(cache: Path) -> tuple[np.ndarray, dict]:
-    meta = json.loads((cache / META_FILE).read_text())
+    """The cache's tokens (memory-mapped) and meta.json, checked against each other first: a truncated or
+    altered tokens.bin would otherwise fail inside numpy ("mmap length is greater than file size")."""
+    fix = f"delete {cache} and run again to rebuild it"
+    try:
+        meta = json.loads((cache / META_FILE).read_text())
+        expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
+        size = (cache / TOKENS_FILE).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JetMoEError(f"token cache {cache} is damaged ({type(e).__name__}: {e}); {fix}") from None
+    if size != expected:
+        raise JetMoEError(f"token cache {cache} is damaged ({TOKENS_FILE} has {size} bytes, {META_FILE} says "
+                          f"{expected}); {fix}")
     tokens = np.memmap(cache / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
     return tokens, meta
 
