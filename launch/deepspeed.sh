@@ -23,6 +23,17 @@ if [ -n "${HOSTFILE:-}" ]; then
     echo "launch/deepspeed.sh: HOSTFILE=$HOSTFILE does not exist; see launch/hostfile.example" >&2
     exit 2
   fi
+  # each entry "host slots=N" (comments and blank lines aside): DeepSpeed would fail with a traceback
+  lineno=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    lineno=$((lineno + 1))
+    entry="${line%%#*}"
+    [ -n "${entry//[[:space:]]/}" ] || continue
+    if ! [[ "$entry" =~ ^[[:space:]]*[A-Za-z0-9._-]+[[:space:]]+slots=[1-9][0-9]*[[:space:]]*$ ]]; then
+      echo "launch/deepspeed.sh: $HOSTFILE:$lineno: '$line' is not 'HOST slots=N' (N a positive integer); see launch/hostfile.example" >&2
+      exit 2
+    fi
+  done < "$HOSTFILE"
   args+=(--hostfile="$HOSTFILE")
   [ -z "${MASTER_ADDR:-}" ] || args+=(--master_addr="$MASTER_ADDR")
 else

@@ -10,8 +10,8 @@
 # (GPUs on this node, else 1), RDZV_ID (rendezvous id shared by all nodes; default from the port),
 # PYTHON (.venv/bin/python if present). Multi-node jobs meet through c10d rendezvous at
 # MASTER_ADDR:MASTER_PORT, hosted by NODE_RANK 0; one node without MASTER_PORT runs standalone on a
-# free port. SIGUSR1 is passed on to the training processes
-# (they write a checkpoint and stop); torchrun itself ignores it.
+# free port. SIGUSR1, SIGTERM and SIGINT are passed on to the training processes (they write a
+# checkpoint and stop); the script then exits 0 and prints the command that resumes.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,20 +57,32 @@ else
 fi
 args+=(--max-restarts=0)
 
-# torchrun would die on SIGUSR1 (default action), so it runs with the signal ignored; this shell
-# catches it and hands it to the training processes, which install their own handler.
-( trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${args[@]}" "$ROOT/train/pretrain.py" "$@" ) &
+# Stop signals go to the training processes only: each finishes its step, checkpoints and exits 0.
+# torchrun runs in a session of its own (setsid), so a terminal's Ctrl-C reaches this shell alone, and
+# with SIGUSR1 ignored (its default action would kill it); torchrun itself would turn SIGINT/SIGTERM into
+# a SignalException traceback and exit 1. A second Ctrl-C is passed on too: the processes exit at once.
+# Rank 0 reports a clean stop in JETMOE_STOP_FILE; this script then exits 0 with the resume command.
+JETMOE_STOP_FILE="$(mktemp "${TMPDIR:-/tmp}/jetmoe-stop.XXXXXX")"
+export JETMOE_STOP_FILE
+trap 'rm -f "$JETMOE_STOP_FILE"' EXIT
+SETSID=(); if command -v setsid >/dev/null 2>&1; then SETSID=(setsid); fi
+( trap '' USR1; exec "${SETSID[@]}" "$PYTHON" -m torch.distributed.run "${args[@]}" "$ROOT/train/pretrain.py" "$@" ) &
 agent=$!
-forward_usr1() {
-  echo "[torchrun.sh] SIGUSR1: asking the training processes on $(hostname -s) to checkpoint and stop" >&2
-  pkill -USR1 -P "$agent" 2>/dev/null || true
+forward() {
+  echo "[torchrun.sh] SIG$1: asking the training processes on $(hostname -s) to checkpoint and stop" >&2
+  pkill "-$1" -P "$agent" 2>/dev/null || true
 }
-trap forward_usr1 USR1
-trap 'kill -TERM "$agent" 2>/dev/null || true' TERM INT
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM HUP
+trap 'forward INT' INT
 
 rc=0
 while true; do
   wait "$agent" && rc=0 || rc=$?
   kill -0 "$agent" 2>/dev/null || break  # wait was only interrupted by a trapped signal
 done
+if [ -s "$JETMOE_STOP_FILE" ] \
+   && "$PYTHON" "$ROOT/launch/stopped.py" "$JETMOE_STOP_FILE" "${JETMOE_LAUNCHER:-launch/torchrun.sh}" "$@"; then
+  exit 0
+fi
 exit "$rc"

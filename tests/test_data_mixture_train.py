@@ -1,7 +1,7 @@
 """data=mixture through the real entry points: train/pretokenize.py fills the sharded cache, then
 train/pretrain.py trains two sources in two phases. Checks the per-step shares of tokens_by_source against
-the phase weights, eval_loss_by_source, exact resume exactly at the phase boundary, and dp=2 under torchrun
-giving the same losses as one process (the same global batches)."""
+the phase weights, eval_loss_by_source, exact resume exactly at the phase boundary, and pp=3 x dp=2 under
+torchrun giving the same losses as one process (the same global batches)."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.data_corpus import tokenizer_file
-from helpers.data_mixture import write_corpus
+from helpers.data_mixture import mixture_overrides
 from helpers.launch_util import free_port, metrics
 from helpers.trainer_small import SMALL
 
@@ -23,14 +23,7 @@ G, SEQ = 8, 32  # trainer_small's global batch and sequence length
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixture")
-    sources = write_corpus(root / "corpus")
-    overrides = ["data=mixture", f"data.tokenizer={tokenizer_file(tmp_path_factory)}", f"data.cache_dir={root / 'cache'}",
-                 "data.valid_fraction=0.1", "data.shard_tokens=2000", "data.num_proc=1", "model.vocab_size=512", "model.eos_token_id=0"]
-    for name, src in sources.items():
-        overrides += [f"data.sources.{name}.path={src['path']}", f"data.sources.{name}.weight={src['weight']}"]
-    # phase 1 (steps 1-2): web 0.75 / code 0.25; phase 2 (steps 3-4): an even split
-    overrides += ["data.phases=[{start_step:0,weights:{web:3,code:1}},{start_step:2,weights:{web:1,code:1}}]"]
+    overrides = mixture_overrides(tmp_path_factory.mktemp("mixture"), tokenizer_file(tmp_path_factory))
     proc = subprocess.run([sys.executable, "train/pretokenize.py", *overrides], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,7 +43,7 @@ def _train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 1) -> 
     return metrics(run_dir)
 
 
-def test_two_phase_mixture_trains_resumes_at_the_boundary_and_matches_dp2(mixture, tmp_path):
+def test_two_phase_mixture_trains_resumes_at_the_boundary_and_matches_pp3_dp2(mixture, tmp_path):
     rows = _train(tmp_path / "whole", mixture)
     assert sorted(rows) == [1, 2, 3, 4]
     previous = {"web": 0, "code": 0}
@@ -76,7 +69,7 @@ def test_two_phase_mixture_trains_resumes_at_the_boundary_and_matches_dp2(mixtur
             assert resumed[step][key] == rows[step][key], (step, key)
         assert resumed[step]["tokens_by_source"] == rows[step]["tokens_by_source"]
 
-    dp2 = _train(tmp_path / "dp2", mixture, nproc=2)
+    pp3_dp2 = _train(tmp_path / "pp3_dp2", mixture, "parallel.pp=3", nproc=6)
     for step in rows:
-        assert dp2[step]["tokens_by_source"] == rows[step]["tokens_by_source"]
-        assert math.isclose(dp2[step]["lm_loss"], rows[step]["lm_loss"], rel_tol=1e-5), step
+        assert pp3_dp2[step]["tokens_by_source"] == rows[step]["tokens_by_source"]
+        assert math.isclose(pp3_dp2[step]["lm_loss"], rows[step]["lm_loss"], rel_tol=1e-5), step

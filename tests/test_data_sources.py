@@ -249,3 +249,43 @@ def test_pretokenize_entry_point_fills_the_cache_and_reports(tmp_path, tmp_path_
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "matches no file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_row_whose_text_is_not_text_is_named_and_null_or_empty_rows_are_skipped(tmp_path, tmp_path_factory):
+    rows = [{"text": f"document number {i} with some words"} for i in range(40)]
+    rows[9], rows[11] = {"text": None}, {"text": ""}
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows[7] = {"text": 12345}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(name="files", path=str(bad), seq_len=8, cache_dir=str(tmp_path / "cache"),
+                     tokenizer=str(tokenizer_file(tmp_path_factory)))
+    with pytest.raises(JetMoEError, match=r"bad\.jsonl:8: data.text_field 'text' holds int 12345, not text"):
+        build_data(cfg, SMALL_VOCAB, MAX_POS)
+    lines = []
+    data = build_data(DataConfig(**{**cfg.__dict__, "path": str(good)}), SMALL_VOCAB, MAX_POS, log=lines.append)
+    assert data.stats["num_documents"] == 38 and any("2 null or empty skipped" in line for line in lines), lines
+
+
+def test_disk_full_while_building_the_cache_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from jetmoe.data import packing
+
+    real = packing.write_token_cache
+
+    def fills_the_disk(ds, tokenizer, out_dir, *args):
+        (out_dir / "tokens.bin").write_bytes(b"\0" * 1000)  # some bytes got out before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("jetmoe.data.build.write_token_cache", fills_the_disk)
+    write_jsonl(tmp_path / "a.jsonl", synthetic_docs(50))
+    cfg = DataConfig(name="files", path=str(tmp_path / "a.jsonl"), seq_len=8, cache_dir=str(tmp_path / "cache"),
+                     tokenizer="builtin")
+    with pytest.raises(JetMoEError, match=r"the disk holding the data cache .*tokens is full .*GiB needed.*GiB free"):
+        build_data(cfg, TINY_VOCAB, MAX_POS)
+    tokens = tmp_path / "cache" / "tokens"
+    assert [p.name for p in tokens.iterdir() if not p.name.endswith(".lock")] == []  # no partial cache left
+    monkeypatch.setattr("jetmoe.data.build.write_token_cache", real)
+    assert build_data(cfg, TINY_VOCAB, MAX_POS).stats["num_documents"] == 50  # and the next build works

@@ -145,3 +145,27 @@ def test_submitit_launcher_config_runs_a_job(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert sorted(metrics(sweep / "0")) == [1]
     assert list(sweep.glob(".submitit/*/*_submission.sh"))  # it went through sbatch
+
+
+def test_pretokenize_job_array_fills_one_shared_cache(tmp_path, tmp_path_factory):
+    """launch/pretokenize.sbatch as a 2-task job array: each task takes its share of the input files into
+    one cache, which the trainer then opens complete (it refuses an incomplete one, naming what is missing)."""
+    from helpers.data_corpus import tokenizer_file
+    from helpers.data_mixture import mixture_overrides
+
+    require_slurm()
+    overrides = mixture_overrides(tmp_path, tokenizer_file(tmp_path_factory))
+    probe = [sys.executable, "train/pretrain.py", *overrides, "train.max_steps=1", "logging=quiet",
+             f"hydra.run.dir={tmp_path / 'probe'}"]
+    before = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert before.returncode != 0 and "pretokenize" in before.stderr  # nothing tokenized yet: named, refused
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run(["sbatch", "--wait", "--array=0-1", f"--output={tmp_path}/array-%A_%a.out",
+                    str(ROOT / "launch/pretokenize.sbatch"), *overrides],
+                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=True)
+    logs = sorted(tmp_path.glob("array-*.out"))
+    assert len(logs) == 2, logs  # two tasks ran
+    texts = [log.read_text() for log in logs]
+    assert {i for i in (0, 1) for text in texts if f"task {i} of 2:" in text} == {0, 1}, [t[-500:] for t in texts]
+    after = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert after.returncode == 0, after.stderr[-2000:]

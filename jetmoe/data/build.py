@@ -64,10 +64,12 @@ def prepare_tokens(cfg: DataConfig, vocab_size: int, log: Optional[Callable[[str
         meta = write_token_cache(source.load(), tokenizer, tmp, source.description,
                                  auto_num_proc(cfg.num_proc, source.size_bytes), cfg.max_tokens)
         if log:
-            log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']} tokens "
+            skipped = f" ({meta['skipped_documents']} null or empty skipped)" if meta.get("skipped_documents") else ""
+            log(f"tokenized {meta['num_documents']} documents{skipped}, {meta['num_tokens']} tokens "
                 f"in {meta['seconds']:.1f}s ({meta['tokens_per_sec']:,} tokens/s)")
 
-    built = build_once(cache, build, log)
+    # tokens take about half the bytes of their text (uint16 ids, ~4 characters per token)
+    built = build_once(cache, build, log, needed_bytes=source.size_bytes // 2 if source.size_bytes else None)
     return tokenizer, cache, built
 
 

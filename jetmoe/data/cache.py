@@ -8,6 +8,7 @@ locks (some Lustre mounts), fill the cache first with train/pretokenize.py.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -18,8 +19,20 @@ from typing import Callable, Optional
 from jetmoe.errors import JetMoEError
 
 
-def build_once(final_dir: Path, build: Callable[[Path], None], log: Optional[Callable[[str], None]] = None) -> bool:
-    """Make sure `final_dir` exists, calling `build(tmp_dir)` to fill it if nobody has. True if we built it."""
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _disk_full(final_dir: Path, needed_bytes: Optional[int]) -> JetMoEError:
+    free = shutil.disk_usage(final_dir.parent).free
+    need = f"about {needed_bytes / 2**30:.1f} GiB needed, " if needed_bytes else ""
+    return JetMoEError(f"the disk holding the data cache {final_dir.parent} is full ({need}{free / 2**30:.1f} GiB free); "
+                       "free space or set data.cache_dir to a larger disk (the partial cache was removed)")
+
+
+def build_once(final_dir: Path, build: Callable[[Path], None], log: Optional[Callable[[str], None]] = None,
+               needed_bytes: Optional[int] = None) -> bool:
+    """Make sure `final_dir` exists, calling `build(tmp_dir)` to fill it if nobody has. True if we built it.
+    `needed_bytes`: an estimate of the cache's size, named when the disk fills up."""
     if final_dir.is_dir():
         return False
     try:
@@ -46,7 +59,10 @@ def build_once(final_dir: Path, build: Callable[[Path], None], log: Optional[Cal
         try:
             build(tmp)
             os.rename(tmp, final_dir)
-        except OSError:
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _disk_full(final_dir, needed_bytes) from None
             if not final_dir.is_dir():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # someone else's rename won (locks not honoured here)

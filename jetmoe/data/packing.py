@@ -56,10 +56,11 @@ def write_token_cache(ds, tokenizer: TextTokenizer, out_dir: Path, description: 
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     eos = np.array([tokenizer.eos_token_id], dtype=dtype)
     start = time.perf_counter()
-    num_tokens = num_docs = 0
+    num_tokens = num_docs = skipped = 0
     with open(out_dir / TOKENS_FILE, "wb") as f:
         for docs in _token_batches(ds, tokenizer, num_proc):
             chunk = [np.concatenate([np.asarray(d, dtype=dtype), eos]) for d in docs if len(d)]
+            skipped += len(docs) - len(chunk)
             if not chunk:
                 continue
             flat = np.concatenate(chunk)
@@ -76,6 +77,7 @@ def write_token_cache(ds, tokenizer: TextTokenizer, out_dir: Path, description: 
     meta = {
         "num_tokens": num_tokens,
         "num_documents": num_docs,
+        "skipped_documents": skipped,  # null, empty or blank text
         "dtype": np.dtype(dtype).name,
         "eos_token_id": tokenizer.eos_token_id,
         "tokenizer": tokenizer.name,
@@ -89,7 +91,18 @@ def write_token_cache(ds, tokenizer: TextTokenizer, out_dir: Path, description: 
 
 
 def open_token_cache(cache: Path) -> tuple[np.ndarray, dict]:
-    meta = json.loads((cache / META_FILE).read_text())
+    """The cache's tokens (memory-mapped) and meta.json, checked against each other first: a truncated or
+    altered tokens.bin would otherwise fail inside numpy ("mmap length is greater than file size")."""
+    fix = f"delete {cache} and run again to rebuild it"
+    try:
+        meta = json.loads((cache / META_FILE).read_text())
+        expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
+        size = (cache / TOKENS_FILE).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JetMoEError(f"token cache {cache} is damaged ({type(e).__name__}: {e}); {fix}") from None
+    if size != expected:
+        raise JetMoEError(f"token cache {cache} is damaged ({TOKENS_FILE} has {size} bytes, {META_FILE} says "
+                          f"{expected}); {fix}")
     tokens = np.memmap(cache / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
     return tokens, meta
 

@@ -133,11 +133,18 @@ def iter_texts(unit: Unit, hf_cache: Optional[Path] = None) -> Iterator[list[str
             ds = datasets.load_dataset(unit.fmt, data_files=[unit.path], split="train", streaming=True,
                                        cache_dir=str(hf_cache) if hf_cache else None, **kwargs)
         field = "text" if unit.fmt == "text" else spec.text_field
+        rows = 0
         for batch in ds.iter(batch_size=ENCODE_BATCH):
             if field not in batch:
                 raise JetMoEError(f"{where} has no field {field!r}; fields: {', '.join(batch)} "
                                   f"(set data.sources.{unit.source}.text_field)")
-            texts = [t for t in batch[field] if isinstance(t, str) and t and not t.isspace()]
+            for i, t in enumerate(batch[field]):
+                if t is not None and not isinstance(t, str):
+                    raise JetMoEError(f"{where}: row {rows + i + 1}: {field!r} holds {type(t).__name__} "
+                                      f"{repr(t)[:40]}, not text; fix that row or set "
+                                      f"data.sources.{unit.source}.text_field to a text column")
+            rows += len(batch[field])
+            texts = [t for t in batch[field] if t and not t.isspace()]
             if texts:
                 yield texts
     except JetMoEError:

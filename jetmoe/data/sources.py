@@ -151,8 +151,42 @@ def _select_text(ds, field: str, files: list[Path]):
             f"{files[0]}{' ...' if len(files) > 1 else ''} has no field {field!r}; fields: {', '.join(columns)} "
             f"(set data.text_field)"
         )
+    _check_text_column(ds, field, files)
     ds = ds.select_columns([field])
     return ds.rename_column(field, "text") if field != "text" else ds
+
+
+def _check_text_column(ds, field: str, files: list[Path]) -> None:
+    """The text field must hold strings (null or empty rows are skipped and counted later). A column that
+    also holds other values names the first file and row that does."""
+    feature = (ds.features or {}).get(field)
+    if feature is None or getattr(feature, "dtype", None) in ("string", "large_string"):
+        return
+    found = _first_non_text(files, field)
+    if found is not None:
+        path, row, value = found
+        raise JetMoEError(f"{path}:{row}: data.text_field {field!r} holds {type(value).__name__} {repr(value)[:40]}, "
+                          "not text; fix that row or set data.text_field to a text column")
+    raise JetMoEError(f"{files[0]}{' ...' if len(files) > 1 else ''}: data.text_field {field!r} is {feature}, not text; "
+                      "set data.text_field to a text column")
+
+
+def _first_non_text(files: list[Path], field: str):
+    """(file, line, value) of the first JSON-lines row whose `field` is neither text nor null, or None."""
+    import fsspec
+
+    for path in files:
+        if file_format(path) != "json":
+            continue
+        with fsspec.open(str(path), "rt", compression="infer", encoding="utf-8", errors="replace") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    value = json.loads(line).get(field) if line.strip() else None
+                except (ValueError, AttributeError):
+                    continue
+                if value is not None and not isinstance(value, str):
+                    return path, lineno, value
+    return None
 
 
 def _raise_json_error(files: list[Path]) -> None:

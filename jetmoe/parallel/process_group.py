@@ -33,11 +33,11 @@ def _free_port() -> int:
 
 
 def init_process_group(cuda: bool, timeout: timedelta) -> tuple[int, int]:
-    """Start (or reuse) the default process group and DeepSpeed's comm on it; returns (rank, world size).
+    """Start (or reuse) the default process group; returns (rank, world size). DeepSpeed's comm joins it
+    later (`start_deepspeed_comm`), so that user errors found in between come before DeepSpeed's output.
 
     A plain `python` process gets a one-rank environment first: without RANK/WORLD_SIZE DeepSpeed would
     try MPI discovery."""
-    import deepspeed
     import torch
     import torch.distributed as dist
 
@@ -52,8 +52,14 @@ def init_process_group(cuda: bool, timeout: timedelta) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend_for(cuda), store=restart_store(timeout), timeout=timeout,
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)  # reuses the group
     return dist.get_rank(), dist.get_world_size()
+
+
+def start_deepspeed_comm(cuda: bool, timeout: timedelta) -> None:
+    """DeepSpeed's comm on the default group (it builds its shared-memory op and prints about it)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)  # reuses the group
 
 
 def _export_slurm_task_env() -> None:

@@ -65,14 +65,14 @@ def _plain_overrides(argv: list[str]) -> list[str] | None:
     """The overrides worth checking up front, or None when Hydra flags (--cfg, -m, ...) are present."""
     if any(a.startswith("-") for a in argv):
         return None
-    return [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    return [a for a in argv if not a.lstrip("+~").startswith("hydra") or a.startswith("hydra.run.dir=")]
 
 
 def check_overrides(argv: list[str]) -> None:
     """Compose once with the user's overrides so that a typo fails as one line, not Hydra's report."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     from jetmoe.errors import JetMoEError
@@ -82,12 +82,20 @@ def check_overrides(argv: list[str]) -> None:
         return
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            run_dir = cfg.hydra.run.dir
+            with open_dict(cfg):
+                del cfg["hydra"]  # Hydra's own keys hold values only its run fills in
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise JetMoEError(f"bad override: {_one_line(e)} (list the keys with: python train/pretrain.py --cfg job)")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise JetMoEError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line")
+    from jetmoe.training.validate import check_values, check_writable
+
+    check_values(cfg)
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the run directory
+        check_writable(run_dir)
 
 
 def _one_line(e: BaseException) -> str:
@@ -140,7 +148,11 @@ def main() -> None:
         except Exception as e:  # any rank: printed with its rank, peers told, the job ends (failures.py)
             fail(e)
 
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler is in place (start-up): nothing to save yet
+        print("interrupted (SIGINT) before training started; nothing was saved", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _fail(e: BaseException) -> None:

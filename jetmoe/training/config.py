@@ -126,6 +126,7 @@ class CheckpointSection:
     keep: int = 2  # newest K kept (0 = all)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, forever (0 = off)
     verify: str = "full"  # full: size + sha256 of each file a rank reads on resume | size: sizes only
+    data_changed: str = "stop"  # resuming onto other data: stop | continue (weights, optimizer, step; new data order)
     # checkpoint.async (null = on with CUDA, off on CPU) is added in register_configs: `async` is a keyword
 
 

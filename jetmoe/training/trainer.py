@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from jetmoe.data.fingerprint import data_fingerprint
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.model import aux_loss
-from jetmoe.parallel.process_group import init_process_group
+from jetmoe.parallel.process_group import init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager
 from jetmoe.training.config import data_config, model_config, precision, use_cuda
@@ -28,7 +29,10 @@ from jetmoe.training.engine import EngineParts, build_engine
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.profiling import StepProfiler
 from jetmoe.training.router_stats import RouterTracker
+from jetmoe.training.run_lock import lock_for_job
+from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
+from jetmoe.training.validate import check_values
 from jetmoe.training.watchdog import Watchdog
 
 
@@ -63,11 +67,13 @@ class Trainer:
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        check_values(cfg)  # also when the entry point's up-front check was skipped (Hydra flags such as -m)
         self.cuda = use_cuda(cfg)
         self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))
         self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
+        self.lock = lock_for_job(self.run_dir, self.is_rank0)  # one job per run directory (before any write)
         self.model_config = model_config(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         mc = self.model_config
@@ -80,6 +86,7 @@ class Trainer:
         self.data = self._build_data()
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
         set_deterministic(cfg.train.deterministic)  # before the engine exists (cuBLAS reads it at start-up)
+        start_deepspeed_comm(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(cfg, mc, self.layout, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
@@ -88,10 +95,6 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_step = flops_per_token(mc, cfg.data.seq_len) * self.tokens_per_step
         self.peak = peak_tflops(cfg, self.cuda, precision(cfg) == "bf16")
-        if self.is_rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.parts.ds_config, indent=2) + "\n")
         self.metrics = MetricsLogger(self.run_dir, cfg, self.is_rank0, cfg.train.max_steps)
         self.metrics.print(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                            f"| micro-batches per step {self.parts.grad_accumulation} | precision {precision(cfg)} "
@@ -100,7 +103,7 @@ class Trainer:
             cfg, self.run_dir, module=self.parts.module, global_names=self.parts.global_names,
             optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
             train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine,
-            tokenizer=self.data.tokenizer)
+            tokenizer=self.data.tokenizer, data_fingerprint=data_fingerprint(self.data))
         self.sampler = Sampler(sample_settings, self.engine, self.data.tokenizer, self.layout,
                                mc.max_position_embeddings, self.device)
         return self
@@ -122,6 +125,9 @@ class Trainer:
         cfg = self.cfg
         rows = []
         self.checkpoint.resume()
+        if self.is_rank0:  # every check passed: the directory now describes this launch too
+            record_config(self.run_dir, cfg, self.state.step)
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.parts.ds_config, indent=2) + "\n")
         self.metrics.set_start(self.state.step)
         stop = False
         while self.state.step < cfg.train.max_steps and not stop:
@@ -240,3 +246,5 @@ def run(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     finally:
         if hasattr(trainer, "metrics"):
             trainer.close()
+        if getattr(trainer, "lock", None) is not None:
+            trainer.lock.release()

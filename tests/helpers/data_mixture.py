@@ -39,3 +39,14 @@ def mixture_cfg(tmp_path: Path, tmp_path_factory, sources: dict, **kw) -> DataCo
     kw.setdefault("shard_tokens", 1500)
     kw.setdefault("num_proc", 1)
     return DataConfig(name="mixture", sources=sources, **kw)
+
+
+def mixture_overrides(root: Path, tokenizer: Path) -> list[str]:
+    """Hydra overrides (train/pretokenize.py, train/pretrain.py) for write_corpus's two sources in two phases
+    (steps 1-2: web 3 : code 1, then an even split), with a model whose vocabulary and EOS fit the tokenizer."""
+    overrides = ["data=mixture", f"data.tokenizer={tokenizer}", f"data.cache_dir={root / 'cache'}",
+                 "data.valid_fraction=0.1", "data.shard_tokens=2000", "data.num_proc=1", "model.vocab_size=512",
+                 "model.eos_token_id=0"]
+    for name, src in write_corpus(root / "corpus").items():
+        overrides += [f"data.sources.{name}.path={src['path']}", f"data.sources.{name}.weight={src['weight']}"]
+    return overrides + ["data.phases=[{start_step:0,weights:{web:3,code:1}},{start_step:2,weights:{web:1,code:1}}]"]

@@ -12,20 +12,14 @@ import json
 import sys
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from jetmoe.training.cli import CONFIG_DIR, register
-from jetmoe.training.trainer import Trainer
+from trainer_setup import trainer_from_args
 
 
 def main() -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    run_dir, overrides = sys.argv[1], sys.argv[2:]
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    trainer = Trainer(cfg, run_dir).setup()
+    trainer, _ = trainer_from_args(sys.argv[1:])
     params = [p for p in trainer.parts.module.parameters() if p.requires_grad]
     exact = {id(p): torch.zeros(p.shape, dtype=torch.float64) for p in params}
 

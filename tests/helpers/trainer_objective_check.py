@@ -13,19 +13,13 @@ import json
 import sys
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from jetmoe.model import JetMoEForCausalLM, causal_lm_loss
-from jetmoe.training.cli import CONFIG_DIR, register
-from jetmoe.training.trainer import Trainer
+from trainer_setup import trainer_from_args
 
 
 def main() -> None:
-    run_dir, overrides = sys.argv[1], sys.argv[2:]
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    trainer = Trainer(cfg, run_dir).setup()
+    trainer, cfg = trainer_from_args(sys.argv[1:])
     names = trainer.parts.global_names
     grads = {}
     for local, p in trainer.parts.module.named_parameters():

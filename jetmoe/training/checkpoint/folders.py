@@ -1,7 +1,10 @@
 """Committed checkpoint folders: find the newest intact one, verify against the manifest, prune, read.
 
 A folder counts only once its manifest exists (store.CheckpointWriter writes it last); `latest` names the
-newest committed folder but is only a hint: a missing or unreadable pointer falls back to a scan.
+newest committed folder but is only a hint: a missing, unreadable or garbled pointer falls back to a scan.
+
+Damaged folders are never deleted or overwritten: `prune` counts only intact checkpoints and leaves damaged
+ones where they are; a damaged folder in the way of a new save of the same step is moved aside (`set_aside`).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def read_latest(root: str | Path) -> str | None:
+    """The folder name `latest` holds, or None when it is missing, unreadable or not a step folder's name."""
     try:
-        return (Path(root) / LATEST).read_text().strip() or None
-    except OSError:
+        name = (Path(root) / LATEST).read_text().strip()
+    except (OSError, ValueError):  # ValueError: random bytes (UnicodeDecodeError)
         return None
+    return name if _STEP_DIR.match(name) else None
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -67,9 +72,28 @@ def load_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+# What this process learnt about folders (rank 0 resolves, commits and prunes): a folder it committed is
+# intact, one whose hashes it checked is known either way. Lets `prune` avoid re-reading every byte.
+_KNOWN: dict[Path, bool] = {}
+
+
+def note_intact(folder: str | Path) -> None:
+    """A folder this process has just committed (its hashes were computed from the bytes written)."""
+    _KNOWN[Path(folder).resolve()] = True
+
+
 def verify(folder: str | Path, hashes: bool = True) -> list[str]:
     """Problems found (empty = intact): missing, truncated or altered files, each named."""
     folder = Path(folder)
+    problems = _problems(folder, hashes)
+    if problems:
+        _KNOWN[folder.resolve()] = False
+    elif hashes:
+        _KNOWN[folder.resolve()] = True
+    return problems
+
+
+def _problems(folder: Path, hashes: bool) -> list[str]:
     try:
         manifest = load_manifest(folder)
     except JetMoEError as e:
@@ -98,7 +122,12 @@ def resolve(spec: str | None, root: str | Path | None, hashes: bool = True, log=
     if spec.lower() in ("none", "false", "no", ""):
         return None
     if spec.lower() == "auto":
-        return _newest_intact(Path(root), hashes, log) if root is not None else None
+        if root is None:
+            return None
+        found = _newest_intact(Path(root), hashes, log)
+        if found is None and list_checkpoints(root):
+            raise every_checkpoint_damaged(root)
+        return found
     path = Path(spec).expanduser()
     if not path.exists():
         raise JetMoEError(f"checkpoint.resume={spec}: no such folder; pass a checkpoint folder, 'auto' or 'none'")
@@ -109,14 +138,30 @@ def resolve(spec: str | None, root: str | Path | None, hashes: bool = True, log=
         return path
     found = _newest_intact(path, hashes, log)
     if found is None:
-        raise JetMoEError(f"checkpoint.resume={spec}: no complete checkpoint in that folder; pass a step folder")
+        damaged = list_checkpoints(path)
+        what = f"every checkpoint there is damaged ({_names(damaged)})" if damaged else "no complete checkpoint in that folder"
+        raise JetMoEError(f"checkpoint.resume={spec}: {what}; pass a step folder")
     return found
+
+
+def _names(found: list[Path]) -> str:
+    return ", ".join(p.name for p in found)
+
+
+def every_checkpoint_damaged(root: str | Path) -> JetMoEError:
+    """The error of a `checkpoint.resume=auto` that found checkpoints but none intact: it names them and the
+    user's two ways on (the trainer never deletes or overwrites them)."""
+    return JetMoEError(f"checkpoint.resume=auto: every checkpoint in {root} is damaged "
+                       f"({_names(list_checkpoints(root))}; left untouched): checkpoint.resume=none starts over "
+                       "beside them, checkpoint.resume=PATH resumes from a folder you choose")
 
 
 def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
     latest = read_latest(root)
     candidates = list_checkpoints(root)
-    if latest and not (root / latest / MANIFEST).is_file():
+    if (root / LATEST).exists() and latest is None:
+        log(f"checkpoint: {root / LATEST} is unreadable; looking for the newest intact checkpoint")
+    elif latest and not (root / latest / MANIFEST).is_file():
         log(f"checkpoint: 'latest' names {latest}, which is not a complete checkpoint; looking for older ones")
     for i, folder in enumerate(candidates):
         problems = verify(folder, hashes)
@@ -128,22 +173,54 @@ def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
     return None
 
 
-def prune(root: str | Path, keep: int, keep_every: int = 0) -> list[Path]:
-    """Delete all but the newest `keep` committed checkpoints (keep <= 0: keep all) and stale staging folders.
-    keep_every > 0: checkpoints whose step is a multiple of it are kept forever (e.g. annealing branches)."""
+def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
+          protect: str | Path | None = None) -> list[Path]:
+    """Keep the newest `keep` intact checkpoints (keep <= 0: keep all), those whose step is a multiple of
+    `keep_every` (> 0: kept forever, e.g. for annealing branches) and `protect` (the folder just
+    committed); delete older intact ones and stale staging folders. Damaged folders neither count nor are
+    deleted, so the newest intact checkpoint always stays, and checkpoints newer than the one a run resumed
+    from outlive that run's saves until `keep` newer intact ones exist.
+
+    A folder this process neither wrote nor checked is verified once (`hashes`: every byte read) before it
+    counts or is deleted; its verdict is remembered for later saves."""
     root = Path(root)
+    protect = Path(protect).resolve() if protect is not None else None
     removed = []
     if keep > 0:
-        for folder in list_checkpoints(root)[keep:]:
+        intact = 0
+        for folder in list_checkpoints(root):
+            key = folder.resolve()
+            known = _KNOWN.get(key)
+            if known is None:
+                known = not verify(folder, hashes)
+            if not known:
+                continue
+            if intact < keep or key == protect:
+                intact += 1
+                continue
             if keep_every > 0 and int(_STEP_DIR.match(folder.name).group(1)) % keep_every == 0:
                 continue
             shutil.rmtree(folder, ignore_errors=True)
+            _KNOWN.pop(key, None)
             removed.append(folder)
     for child in root.iterdir() if root.is_dir() else []:
         if child.name.startswith(".step_") and child.name.endswith((".partial", ".old")):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
+
+
+def set_aside(folder: str | Path) -> Path:
+    """Move a damaged folder out of the way of a new save of its step, keeping its bytes:
+    step_XXXXXXXX -> step_XXXXXXXX.damaged (numbered if taken). Returns the new path."""
+    folder = Path(folder)
+    _KNOWN.pop(folder.resolve(), None)
+    target, n = folder.with_name(f"{folder.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.damaged-{n}")
+    folder.rename(target)
+    return target
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -7,7 +7,8 @@ travel with the checkpoint and the tokenizer that makes each checkpoint a comple
 
 Config: checkpoint.every (0 = only on a stop signal), checkpoint.dir (None = <run dir>/checkpoints),
 checkpoint.resume=auto|none|PATH, checkpoint.keep, checkpoint.keep_every, checkpoint.verify=full|size,
-checkpoint.async (null = on with CUDA), model.init_from=PATH (a transformers directory).
+checkpoint.async (null = on with CUDA), model.init_from=PATH (a transformers directory),
+checkpoint.data_changed=stop|continue (what a resume onto data with another fingerprint does).
 
 Asynchronous saves: `save` blocks only while the tensors are copied to host buffers; a thread writes,
 hashes and fsyncs them. The save is committed (manifest, rename, `latest`) at the first step boundary
@@ -27,20 +28,22 @@ from jetmoe.data.config import resolve_user_path
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel.topology import Layout
 from jetmoe.training.checkpoint import contents, folders, store
-from jetmoe.training.checkpoint.signals import StopSignal
+from jetmoe.training.checkpoint.signals import StopSignal, report_stop
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the PipelineEngine's own step counters
 
 
 class CheckpointManager:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, *, module, global_names: dict[str, str], optimizer,
-                 scheduler, loader, train_state, layout: Layout, model_config, engine=None, tokenizer=None) -> None:
+                 scheduler, loader, train_state, layout: Layout, model_config, engine=None, tokenizer=None,
+                 data_fingerprint: dict | None = None) -> None:
         self.cfg = cfg
         self.module, self.global_names = module, global_names
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.train_state, self.engine = train_state, engine
         self.layout, self.model_config = layout, model_config
         self.tokenizer = tokenizer  # saved beside the weights, so each checkpoint is a transformers directory
+        self.data_fingerprint = data_fingerprint  # stored in trainer_state extra, compared on resume
         ck = cfg.checkpoint
         self.every = int(ck.every or 0)
         self.keep = int(ck.keep or 0)
@@ -58,6 +61,7 @@ class CheckpointManager:
         self.comm = store.default_comm()
         root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
+        self.run_dir = Path(run_dir)
         self.last_saved: int | None = None
         self.signal = StopSignal()
 
@@ -70,6 +74,8 @@ class CheckpointManager:
         extra.pop("step", None)
         if self.engine is not None:
             extra.update({key: int(getattr(self.engine, key)) for key in ENGINE_COUNTERS})
+        if self.data_fingerprint is not None:
+            extra["data_fingerprint"] = self.data_fingerprint
         return contents.TrainingState(step=step, scheduler=self.scheduler, loader=self.loader,
                                       config=OmegaConf.to_container(self.cfg, resolve=True), extra=extra)
 
@@ -94,6 +100,8 @@ class CheckpointManager:
         while True:
             started = time.perf_counter()
             state = self._contents_state(0)
+            if not self._same_data(Path(found)):
+                state.loader = None  # checkpoint.data_changed=continue: the new data's order starts at its beginning
             problem = None
             try:
                 saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
@@ -110,8 +118,8 @@ class CheckpointManager:
             failed = Path(found)
             found = self._agree(lambda: self._older_intact(failed, problem))
             if found is None:
-                raise JetMoEError(f"checkpoint {failed} is damaged ({problem}) and no older checkpoint is intact; "
-                                  "start with checkpoint.resume=none")
+                self._print(f"checkpoint: {failed.name} is damaged ({problem})")
+                raise folders.every_checkpoint_damaged(self.root)
         elapsed = time.perf_counter() - started
         extra = saved.get("extra") or {}
         if self.engine is not None:
@@ -130,6 +138,27 @@ class CheckpointManager:
                         f"verify={self.verify}); bytes read per rank: max {max(read)}, share {share:.0f} "
                         f"({max(read) / share:.2f}x)")
         return state.step
+
+    def _same_data(self, found: Path) -> bool:
+        """False when the checkpoint was trained on other data and checkpoint.data_changed=continue; raises
+        when it was and the key says stop. Checkpoints without a fingerprint (older ones) count as the same."""
+        from jetmoe.data.fingerprint import describe_change
+
+        choice = str(self.cfg.checkpoint.get("data_changed", "stop"))
+        if choice not in ("stop", "continue"):
+            raise JetMoEError(f"checkpoint.data_changed={choice!r} is unknown; use stop or continue")
+        saved = (folders.CheckpointReader(found).json(contents.TRAINER_STATE).get("extra") or {}).get("data_fingerprint")
+        now = self.data_fingerprint
+        if saved is None or now is None or saved.get("id") == now.get("id"):
+            return True
+        change = describe_change(saved, now)
+        if choice == "stop":
+            raise JetMoEError(f"checkpoint {found} was trained on other data ({change}); to keep its weights, "
+                              "optimizer and step on this data pass checkpoint.data_changed=continue (the data order "
+                              "restarts), or start over with checkpoint.resume=none")
+        self._print(f"checkpoint: data changed since {found.name} ({change}); continuing on the new data "
+                    "(checkpoint.data_changed=continue), its order from the start")
+        return False
 
     def _agree(self, pick):
         """Rank 0 runs pick() -> folder or None (JetMoEError: the problem); every rank gets the answer."""
@@ -209,10 +238,15 @@ class CheckpointManager:
         if self.last_saved != step:
             self.save(step)
         self.commit_pending()
+        if self.comm.rank == 0:
+            line = report_stop(self.signal.name(), step, self.root / folders.step_dir_name(step), self.run_dir)
+            if line:
+                self._print(line)
         return True
 
     def finish(self, step: int) -> None:
-        self.signal.restore()
+        if not self.signal.received:  # after a stop, a second Ctrl-C during teardown still exits at once
+            self.signal.restore()
         if self.every and self.last_saved != step and step > 0:
             self.save(step)
         self.commit_pending()

@@ -1,4 +1,5 @@
-"""SIGTERM / SIGUSR1 (Slurm's pre-emption warning) -> finish the current step, checkpoint, exit 0.
+"""SIGTERM / SIGINT (Ctrl-C) / SIGUSR1 (Slurm's pre-emption warning) -> finish the current step,
+checkpoint, exit 0. A second SIGINT ends the process at once (exit 130), without a traceback.
 
 The handler only sets a flag; the loop asks `requested()` at each step boundary, which ORs the flag
 over all ranks (one tiny all-reduce), so every rank stops after the same step even when only some
@@ -6,22 +7,29 @@ of them received the signal."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopSignal:
     def __init__(self, signals=STOP_SIGNALS) -> None:
         self.received: int | None = None
+        self.interrupts = 0
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT and self.interrupts:
+            print("second SIGINT: exiting now, without a checkpoint of this step", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.interrupts += signum == signal.SIGINT
+        self.received = self.received or signum
 
     def requested(self) -> bool:
         """True on every rank once any rank got a stop signal (collective when distributed)."""
@@ -45,3 +53,31 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+STOP_FILE_ENV = "JETMOE_STOP_FILE"  # set by launch/*.sh: where rank 0 reports a clean stop (JSON)
+
+
+def resume_command(run_dir) -> str:
+    """The command that continues this run: the same overrides, with this run directory."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+    return shlex.join(["python", "train/pretrain.py", *args, f"hydra.run.dir={run_dir}"])
+
+
+def report_stop(signal_name: str, step: int, folder, run_dir) -> str | None:
+    """Rank 0, after the stop checkpoint committed: the line to print, or None when a launcher asked for
+    the report in its file (it prints its own resume command)."""
+    import json
+
+    path = os.environ.get(STOP_FILE_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"signal": signal_name, "step": step, "checkpoint": str(folder), "run_dir": str(run_dir)}, f)
+            return None
+        except OSError:
+            pass
+    return f"stopped by {signal_name} after step {step}; checkpoint {folder} committed; resume with: " \
+           f"{resume_command(run_dir)}"

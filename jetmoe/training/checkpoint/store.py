@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from jetmoe.errors import JetMoEError
+from jetmoe.training.checkpoint import folders
 from jetmoe.training.checkpoint.folders import FORMAT, LATEST, MANIFEST, VERSION, prune, read_latest, step_dir_name
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -268,7 +269,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 problem = errors[0]
             else:
-                prune(self.root, keep, keep_every)
+                prune(self.root, keep, keep_every, protect=self.final)
         problem = self.comm.broadcast(problem)
         if problem:
             raise JetMoEError(problem)
@@ -287,11 +288,14 @@ class CheckpointWriter:
         }
         _replace_atomically(self.staging / MANIFEST, _json_bytes(manifest))
         old = None
+        if self.final.exists() and folders.verify(self.final):  # a damaged folder is kept, moved aside
+            print(f"checkpoint: {self.final} is damaged; moved aside to {folders.set_aside(self.final)}", flush=True)
         if self.final.exists():  # the same step saved again (e.g. after falling back): swap it out
             old = self.root / f".{self.final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.final, old)
         os.replace(self.staging, self.final)
+        folders.note_intact(self.final)
         _fsync_dir(self.root)
         _replace_atomically(self.root / LATEST, (self.final.name + "\n").encode())
         if old is not None:
