@@ -1,7 +1,8 @@
 """JetMoE as a DeepSpeed PipelineModule, built from the model's own modules.
 
 Layer list (global indices): 0 embedding, 1..L the blocks, L+1 the final norm, L+2 the head. The first
-stage always holds the embedding and the last the norm, head and loss; the blocks are split by
+stage always holds the embedding and the last the norm, head and loss (the head's
+matmul runs inside the chunked loss, `head_loss`: no [tokens, vocab] logits); the blocks are split by
 `parallel.partition`. With tied embeddings the embedding and the head are one TiedLayerSpec, so the first
 and last stage each hold a copy whose gradients DeepSpeed all-reduces.
 
@@ -30,8 +31,8 @@ from jetmoe.model import (
     RouterLoss,
     attach_aux_loss,
     aux_loss,
-    causal_lm_loss,
     init_like_transformers,
+    linear_causal_lm_loss,
     make_embedding,
     make_final_norm,
     make_lm_head,
@@ -60,8 +61,21 @@ class EmbeddingStage(nn.Module):
         return self.embed_tokens(input_ids), position_ids
 
 
-def tied_head(embedding: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, embedding.embed_tokens.weight)
+def tied_head(embedding: EmbeddingStage, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hidden, embedding.embed_tokens.weight
+
+
+def head_loss(outputs: tuple[torch.Tensor, torch.Tensor], shifted_labels: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's loss_fn on the last stage: the head stage hands over (final hidden states, head weight) and the
+    head runs inside the chunked loss, so the stage never holds the [tokens, vocab] logits."""
+    hidden, weight = outputs
+    return linear_causal_lm_loss(hidden, weight, shifted_labels)
+
+
+def stage_logits(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The full logits from the last stage's outputs (inference, checks)."""
+    hidden, weight = outputs
+    return F.linear(hidden, weight)
 
 
 class BlockStage(nn.Module):
@@ -112,7 +126,7 @@ class HeadStage(nn.Module):
         self.lm_head = make_lm_head(config)
 
     def forward(self, hidden):
-        return self.lm_head(hidden)
+        return hidden, self.lm_head.weight  # the head's matmul runs inside head_loss, chunk by chunk
 
 
 def block_weights(config: JetMoEConfig) -> list[int]:
@@ -154,7 +168,7 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
             counts,
             layers=layer_specs(config, grad_scale, on_router_loss),
             topology=topology,
-            loss_fn=causal_lm_loss,
+            loss_fn=head_loss,
             activation_checkpoint_interval=0,
         )
     module.block_counts = counts
