@@ -39,6 +39,7 @@ from jetmoe.model import (
     set_document_mask,
 )
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from jetmoe.parallel.compile import compile_blocks
 from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
 from jetmoe.parallel.topology import Layout, split_blocks
 
@@ -159,8 +160,9 @@ def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterL
 
 def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
                    on_router_loss: RouterLossHook | None = None, activation_checkpointing: bool = False,
-                   document_mask: bool = False):
-    """This rank's stage of the pipeline, initialised identically for every layout."""
+                   document_mask: bool = False, compile: bool = False):
+    """This rank's stage of the pipeline, initialised identically for every layout. `compile`: each block's
+    forward through torch.compile (jetmoe.parallel.compile), inside the activation recompute."""
     weights = block_weights(config) if partition == "parameters" else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology on rank 0
@@ -175,8 +177,11 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
     module.global_names = global_param_names(module)
     init_like_transformers(module, config.initializer_range, seed, module.global_names)
     set_document_mask(module, document_mask)  # known up front: no per-block check of the position ids
+    blocks = [m.block for m in module.modules() if isinstance(m, BlockStage)]
+    if compile:
+        compile_blocks(blocks)
     if activation_checkpointing:
-        apply_activation_checkpointing(m.block for m in module.modules() if isinstance(m, BlockStage))
+        apply_activation_checkpointing(blocks)
     return module
 
 
