@@ -15,7 +15,8 @@ Sections (each one's result or error goes into the JSON; one failing section doe
   grouped_gemm    expert shapes with balanced, skewed and one-empty-expert counts against a per-expert loop and
                   a dense matmul of equal FLOPs; the empty expert's gradient is zero (own process, with a timeout)
   dispatcher      an MoE layer's forward+backward twice: gradients bitwise equal
-  compile         eager against torch.compile'd block (the hook issue 14 fills in)
+  compile         eager against train.compile's compiled block (same weights): ms, compile time, no new frames for
+                  other expert counts; the last stage's head + loss, full logits against the chunked loss
   train           20 steps of train/pretrain.py with a 4-block JetMoE-8B-shaped model: the loss falls, MFU logged
 FLOPs follow jetmoe.plan.throughput (causal attention counted as half, Megatron's convention).
 """
@@ -151,20 +152,60 @@ def section_profile(env: Env) -> dict:
 
 
 def section_compile(env: Env, enabled: bool) -> dict:
-    """Hook for issue 14: eager against torch.compile of one block, forward+backward."""
+    """Eager against train.compile's regional compile (jetmoe.parallel.compile) of one block, forward+backward,
+    on the same weights and input; then two inputs whose expert counts differ must compile nothing new. Also
+    the last stage's head + loss: full fp32 logits against the chunked loss (peak memory and time)."""
     if not enabled:
-        return {"skipped": "pass --compile (on by default on a GPU); issue 14 fills this in"}
+        return {"skipped": "pass --compile on (on by default on a GPU)"}
+    from jetmoe.parallel.compile import compile_blocks, compile_stats
+
     block = blocks(env, 1)
+    compiled = blocks(env, 1)  # same seed: same weights
+    compile_blocks(compiled)
     x = torch.randn(1, env.seq, env.config.hidden_size, device=env.device, dtype=env.dtype, requires_grad=True)
     eager_ms = env.time_ms(lambda: run_stack(block, x))
-    compiled = torch.nn.ModuleList([torch.compile(block[0])])
     t0 = time.perf_counter()
     run_stack(compiled, x)
     env.sync()
     compile_s = time.perf_counter() - t0
+    frames = compile_stats()["frames"]
     compiled_ms = env.time_ms(lambda: run_stack(compiled, x))
-    return {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
-            "compile_s": compile_s}
+    for seed in (1, 2):  # other tokens, other expert counts
+        torch.manual_seed(seed)
+        run_stack(compiled, torch.randn_like(x).requires_grad_())
+    out = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
+           "compile_s": compile_s, "frames_compiled_after_warmup": compile_stats()["frames"] - frames,
+           "graph_breaks": compile_stats()["graph_breaks"]}
+    out.update(head_memory(env))
+    return out
+
+
+def head_memory(env: Env) -> dict:
+    """The last stage's head + loss at this shape (8B: 2048 x 32000, 4096 tokens): peak memory and time."""
+    torch.manual_seed(0)
+    d, v = env.config.hidden_size, env.config.vocab_size
+    h = torch.randn(env.seq, d, device=env.device, dtype=env.dtype, requires_grad=True)
+    w = (torch.randn(v, d, device=env.device) * 0.02).to(env.dtype).requires_grad_()
+    labels = torch.randint(0, v, (env.seq,), device=env.device)
+    from jetmoe.model import linear_causal_lm_loss
+
+    out = {}
+    for name, fn in (("full", lambda: causal_lm_loss(h @ w.T, labels)),
+                     ("chunked", lambda: linear_causal_lm_loss(h, w, labels))):
+        def step():
+            h.grad = w.grad = None
+            fn().backward()
+        step()
+        env.sync()
+        if env.cuda:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        ms = env.time_ms(step, repeats=3, warmup=0)
+        out[f"head_{name}_ms"] = ms
+        if env.cuda:
+            out[f"head_{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out
 
 
 def section_train(env: Env, timeout_s: float) -> dict:

@@ -1,6 +1,8 @@
-"""Forward+backward speed of our JetMoE against transformers' JetMoeForCausalLM: same weights, same batch,
-alternated in one process; medians of repeats. Prints the achieved GFLOP/s against this machine's measured
-fp32 matmul rate, the activation memory each keeps for backward, and the speed ratio last.
+"""Forward+backward speed of our JetMoE, eager and compiled (train.compile: jetmoe.parallel.compile), against
+transformers' JetMoeForCausalLM: same weights, same batch, alternated in one process; medians of repeats. Prints
+tokens/s, the achieved GFLOP/s against this machine's measured fp32 matmul rate, the activation memory each
+keeps for backward, the peak memory of one step, the last pipeline stage's peak memory with the full and the
+chunked head + cross-entropy (8B head shape by default), and the compiled/transformers speed ratio last.
 
     python bench/model_cpu.py [--repeats 7] [--hidden 384] [--layers 4] [--experts 8] [--batch 4] [--seq 512]
     python bench/model_cpu.py --device cuda --dtype bfloat16      # on a GPU
@@ -9,12 +11,17 @@ fp32 matmul rate, the activation memory each keeps for backward, and the speed r
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
+import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
+from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, causal_lm_loss, linear_causal_lm_loss, set_document_mask
+from jetmoe.parallel.compile import compile_blocks, compile_stats
 
 
 def parse_args():
@@ -33,6 +40,7 @@ def parse_args():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--head", default="2048,32000,4096", help="hidden,vocab,tokens of the head memory check ('' skips)")
     return p.parse_args()
 
 
@@ -88,6 +96,61 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(storages.values())
 
 
+def _rss_high_water_reset() -> int:
+    """Return freed heap to the OS, reset the process's peak RSS (Linux clear_refs 5) and return current RSS bytes."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_step_mib(fn, device) -> float:
+    """Peak memory growth of one call of fn: CUDA's allocator peak, or on CPU the resident-set high-water mark."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_high_water_reset()
+    fn()
+    return (_status_kib("VmHWM") * 1024 - base) / 2**20
+
+
+def head_memory(hidden_size: int, vocab: int, tokens: int, device, dtype) -> dict:
+    """The last stage's head + loss, forward and backward: full [tokens, vocab] logits against the chunked loss."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(tokens, hidden_size, generator=gen) * 0.5).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    variants = {"full": lambda: causal_lm_loss(hidden @ weight.T, labels),
+                "chunked": lambda: linear_causal_lm_loss(hidden, weight, labels)}
+    out = {}
+    for name, loss_fn in variants.items():
+        hidden.grad = weight.grad = None
+        box = {}
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            box["loss"] = float(loss.detach())
+
+        t = time.perf_counter()
+        out[name] = (peak_step_mib(step, device), time.perf_counter() - t, box["loss"])
+    return out
+
+
 def train_step(model, ids):
     model.zero_grad(set_to_none=True)
     model(ids, labels=ids).loss.backward()
@@ -116,11 +179,18 @@ def main():
 
     with torch.no_grad():  # same weights -> same logits (bf16: loosely)
         diff = (ours(ids).logits.float() - hf(ids).logits.float()).abs().max().item()
-    times = {"ours": [], "transformers": []}
-    cpu_times = {"ours": [], "transformers": []}  # process CPU time: less sensitive to other jobs on the machine
-    models = {"ours": ours, "transformers": hf}
-    for name in models:  # warm-up
-        train_step(models[name], ids)
+    set_document_mask(ours, "off")  # as training sets it (data.document_mask=false)
+    compiled = copy.deepcopy(ours)
+    compile_blocks(compiled.model.layers)
+    models = {"eager": ours, "compiled": compiled, "transformers": hf}
+    times = {name: [] for name in models}
+    cpu_times = {name: [] for name in models}  # process CPU time: less sensitive to other jobs on the machine
+    t = time.perf_counter()
+    for _ in range(2):  # warm-up; the compiled model compiles its forward and backward graphs here
+        for name in models:
+            train_step(models[name], ids)
+    warmup_s = time.perf_counter() - t
+    frames_after_warmup = compile_stats()["frames"]
     for _ in range(args.repeats):
         for name, model in models.items():
             sync(args.device)
@@ -140,6 +210,10 @@ def main():
           f"max |logit diff| {diff:.2e}")
     print(f"fp32 matmul rate: {peak_wall:.1f} GFLOP/s wall" + (f", {peak_cpu:.1f} per CPU-second" if on_cpu else "")
           + f"; one step: {flops / 1e9:.1f} GFLOP")
+    stats = compile_stats()
+    print(f"compiled: {stats['compile_s']:.1f} s compiling ({stats['graphs']} graphs, {stats['graph_breaks']} graph "
+          f"breaks) in a {warmup_s:.1f} s warm-up; frames compiled after warm-up: "
+          f"{stats['frames'] - frames_after_warmup}")
     for name in models:
         med, fastest = statistics.median(times[name]), min(times[name])
         line = (f"{name:>13}: {tokens / med:8.0f} tokens/s  {flops / med / 1e9:6.1f} GFLOP/s "
@@ -148,15 +222,24 @@ def main():
         if on_cpu:
             cpu = statistics.median(cpu_times[name])
             line += f"  CPU {cpu:5.2f} s ({flops / cpu / 1e9 / peak_cpu:4.0%} of matmul per CPU-second)"
-        mib = saved_activation_bytes(models[name], ids) / 2**20
-        print(line + f"  saved activations {mib:.0f} MiB")
+        mib = saved_activation_bytes(models[name], ids) / 2**20 if name != "compiled" else None
+        peak = peak_step_mib(lambda: train_step(models[name], ids), args.device)
+        print(line + (f"  saved activations {mib:.0f} MiB" if mib is not None else "")
+              + f"  peak step memory {peak:.0f} MiB")
+    if args.head:
+        d, v, n = (int(x) for x in args.head.split(","))
+        head = head_memory(d, v, n, args.device, dtype)
+        print(f"last stage head + loss at hidden {d}, vocab {v}, {n} tokens: " + ", ".join(
+            f"{name} peak {mib:.0f} MiB ({sec:.1f} s, loss {loss:.6f})" for name, (mib, sec, loss) in head.items()))
+    med = {name: statistics.median(times[name]) for name in models}
     if on_cpu:
-        print(f"CPU-time ratio ours/transformers: "
-              f"{statistics.median(cpu_times['transformers']) / statistics.median(cpu_times['ours']):.2f}x "
-              "(process CPU time; the steadiest measure on a shared machine)")
-    print(f"fastest-step ratio ours/transformers: {min(times['transformers']) / min(times['ours']):.2f}x")
-    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
-    print(f"speed ratio ours/transformers: {ratio:.2f}x")
+        cpu = {name: statistics.median(cpu_times[name]) for name in models}
+        print(f"CPU-time ratios (the steadiest measure on a shared machine): eager/transformers "
+              f"{cpu['transformers'] / cpu['eager']:.2f}x, compiled/eager {cpu['eager'] / cpu['compiled']:.2f}x, "
+              f"compiled/transformers {cpu['transformers'] / cpu['compiled']:.2f}x")
+    print(f"speed ratios: eager/transformers {med['transformers'] / med['eager']:.2f}x, compiled/eager "
+          f"{med['eager'] / med['compiled']:.2f}x")
+    print(f"speed ratio compiled/transformers: {med['transformers'] / med['compiled']:.2f}x")
 
 
 if __name__ == "__main__":

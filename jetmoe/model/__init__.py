@@ -6,7 +6,8 @@ from jetmoe.model.attention import MoA
 from jetmoe.model.masking import set_document_mask
 from jetmoe.model.moe import MoE, SparseLayer
 from jetmoe.model.router import RouterLoss, TopKRouter, router_loss
-from jetmoe.model.loss import attach_aux_loss, aux_loss, causal_lm_loss, shift_labels, sum_router_losses
+from jetmoe.model.loss import (
+    attach_aux_loss, aux_loss, causal_lm_loss, linear_causal_lm_loss, shift_labels, sum_router_losses)
 from jetmoe.model.model import (
     ATTENTION,
     MLP,
@@ -24,6 +25,7 @@ from jetmoe.model.model import (
 __all__ = [
     "PRESETS", "JetMoEConfig", "GroupedExperts", "LocalDispatcher", "LocalPlan", "grouped_linear", "MoA", "MoE",
     "SparseLayer", "RouterLoss", "TopKRouter", "router_loss", "attach_aux_loss", "aux_loss", "causal_lm_loss",
+    "linear_causal_lm_loss",
     "shift_labels", "sum_router_losses", "ATTENTION", "MLP", "JetMoEBlock", "JetMoEForCausalLM", "JetMoEModel",
     "JetMoEOutput", "init_like_transformers", "iter_sparse_layers", "make_embedding", "make_final_norm", "make_lm_head",
     "set_document_mask",

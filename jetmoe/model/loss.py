@@ -21,6 +21,61 @@ def causal_lm_loss(logits: torch.Tensor, shifted_labels: torch.Tensor) -> torch.
                            ignore_index=-100)
 
 
+# Tokens per chunk of the chunked head: [chunk, vocab] fp32 logits at a time (1024 x 32000: 131 MB).
+HEAD_CHUNK_TOKENS = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """causal_lm_loss(hidden @ weight.T, labels), computed chunk by chunk of tokens: no [tokens, vocab] logits
+    are ever held. Forward keeps each row's logsumexp; backward recomputes a chunk's logits, turns them into
+    softmax - onehot and multiplies back. Each chunk's logits are the same matmul in the same dtype, cast to
+    fp32, as the full version's, so the loss and gradients agree to fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        valid = labels != -100
+        count = valid.sum().clamp(min=1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        safe = labels.clamp(min=0)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[s:s + chunk], weight).float()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            total += ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+        ctx.save_for_backward(hidden, weight, labels, lse, count)
+        ctx.chunk = chunk
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse, count = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        scale = grad.float() / count
+        for s in range(0, hidden.shape[0], chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            g = (F.linear(h, weight).float() - lse[s:s + chunk, None]).exp_()  # softmax
+            rows = torch.arange(y.shape[0], device=y.device)
+            g[rows, y.clamp(min=0)] -= 1.0
+            g *= (y != -100).unsqueeze(1) * scale
+            g = g.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[s:s + chunk] = g @ weight
+            if grad_weight is not None:
+                grad_weight += (g.T @ h).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def linear_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, shifted_labels: torch.Tensor,
+                          chunk_tokens: int = HEAD_CHUNK_TOKENS) -> torch.Tensor:
+    """causal_lm_loss(F.linear(hidden, weight), shifted_labels) without materialising the logits: the head
+    and the loss in chunks of `chunk_tokens` tokens, each chunk's logits recomputed in backward."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return _LinearCrossEntropy.apply(hidden, weight, shifted_labels.reshape(-1), chunk_tokens)
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """transformers' convention: position t predicts labels[t + 1]; the last position predicts nothing."""
     return F.pad(labels[:, 1:], (0, 1), value=-100)

@@ -145,22 +145,22 @@ def relink_optimizer_state(zero_optimizer) -> None:
 
 
 # ------------------------------------------------------------------------------------------ inference
-def pipeline_logits(engine, inputs: tuple, labels: torch.Tensor) -> torch.Tensor | None:
-    """The logits of one micro-batch of any shape run through every stage of the pipeline (DeepSpeed's
-    inference schedule): a tensor on the last stage, None on the others. Every rank must call it.
+def pipeline_outputs(engine, inputs: tuple, labels: torch.Tensor):
+    """The last stage's outputs for one micro-batch of any shape run through every stage of the pipeline
+    (DeepSpeed's inference schedule); None on the other stages. Every rank must call it.
 
     `reset_activation_shape` (public) before and after: the stages cache the shape of what they send each
     other, and these inputs differ from training's. `total_loss` is reset too: DeepSpeed adds every last-stage
-    output, here logits, to the training loss's accumulator, which after `train_batch` holds a scalar."""
+    output to the training loss's accumulator, which after `train_batch` holds a scalar."""
     engine.reset_activation_shape()
     engine.total_loss = None
     try:
-        _, logits = engine.eval_batch(iter([(inputs, labels)]), return_logits=True, compute_loss=False,
+        _, outputs = engine.eval_batch(iter([(inputs, labels)]), return_logits=True, compute_loss=False,
                                       reduce_output=None, bcast_loss=False, num_micro_batches=1)
     finally:
         engine.total_loss = None
         engine.reset_activation_shape()
-    return logits
+    return outputs
 
 
 def zero_fragment(param):

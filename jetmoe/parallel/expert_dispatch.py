@@ -91,6 +91,7 @@ class AllToAllDispatcher:
         self.ep_rank = dist.get_rank(group)
         self.counter = counter if counter is not None else CommCounter()
 
+    @torch.compiler.disable  # collectives and routing-sized rows: kept out of compiled graphs
     def plan(self, expert_ids: torch.Tensor, num_experts: int) -> AllToAllPlan:
         ep = self.ep_size
         if num_experts % ep:
@@ -132,12 +133,14 @@ class AllToAllDispatcher:
             group_sizes=GroupSizes(tokens_per_local_expert, local_sizes),
         )
 
+    @torch.compiler.disable  # collectives and routing-sized rows: kept out of compiled graphs
     def dispatch(self, x: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         """x [T, D] (one row per token, shared by its k slots) or [T, k, D] -> this rank's expert rows."""
         send = gather_slots(x, plan.slot_order, plan.slot_unorder, plan.top_k)
         received = all_to_all(send, plan.recv_splits, plan.send_splits, self.group, self.counter)
         return permute_rows(received, plan.recv_to_local, plan.local_to_recv)
 
+    @torch.compiler.disable  # collectives and routing-sized rows: kept out of compiled graphs
     def combine(self, y_local: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         received = permute_rows(y_local, plan.local_to_recv, plan.recv_to_local)
         sent_back = all_to_all(received, plan.send_splits, plan.recv_splits, self.group, self.counter)

@@ -1,7 +1,8 @@
 """JetMoE as a DeepSpeed PipelineModule, built from the model's own modules.
 
 Layer list (global indices): 0 embedding, 1..L the blocks, L+1 the final norm, L+2 the head. The first
-stage always holds the embedding and the last the norm, head and loss; the blocks are split by
+stage always holds the embedding and the last the norm, head and loss (the head's
+matmul runs inside the chunked loss, `head_loss`: no [tokens, vocab] logits); the blocks are split by
 `parallel.partition`. With tied embeddings the embedding and the head are one TiedLayerSpec, so the first
 and last stage each hold a copy whose gradients DeepSpeed all-reduces.
 
@@ -30,13 +31,14 @@ from jetmoe.model import (
     RouterLoss,
     attach_aux_loss,
     aux_loss,
-    causal_lm_loss,
     init_like_transformers,
+    linear_causal_lm_loss,
     make_embedding,
     make_final_norm,
     make_lm_head,
     set_document_mask,
 )
+from jetmoe.parallel.compile import compile_blocks
 from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
 from jetmoe.parallel.topology import Layout, split_blocks
 
@@ -59,8 +61,21 @@ class EmbeddingStage(nn.Module):
         return self.embed_tokens(input_ids), position_ids
 
 
-def tied_head(embedding: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, embedding.embed_tokens.weight)
+def tied_head(embedding: EmbeddingStage, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hidden, embedding.embed_tokens.weight
+
+
+def head_loss(outputs: tuple[torch.Tensor, torch.Tensor], shifted_labels: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's loss_fn on the last stage: the head stage hands over (final hidden states, head weight) and the
+    head runs inside the chunked loss, so the stage never holds the [tokens, vocab] logits."""
+    hidden, weight = outputs
+    return linear_causal_lm_loss(hidden, weight, shifted_labels)
+
+
+def stage_logits(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The full logits from the last stage's outputs (inference, checks)."""
+    hidden, weight = outputs
+    return F.linear(hidden, weight)
 
 
 class BlockStage(nn.Module):
@@ -111,7 +126,7 @@ class HeadStage(nn.Module):
         self.lm_head = make_lm_head(config)
 
     def forward(self, hidden):
-        return self.lm_head(hidden)
+        return hidden, self.lm_head.weight  # the head's matmul runs inside head_loss, chunk by chunk
 
 
 def block_weights(config: JetMoEConfig) -> list[int]:
@@ -143,8 +158,9 @@ def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterL
 
 
 def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
-                   on_router_loss: RouterLossHook | None = None, document_mask: bool = False):
-    """This rank's stage of the pipeline, initialised identically for every layout."""
+                   on_router_loss: RouterLossHook | None = None, document_mask: bool = False, compile: bool = False):
+    """This rank's stage of the pipeline, initialised identically for every layout. `compile`: each block's
+    parts through torch.compile (jetmoe.parallel.compile); activation recompute, applied later, wraps them."""
     weights = block_weights(config) if partition == "parameters" else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology on rank 0
@@ -152,13 +168,15 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
             counts,
             layers=layer_specs(config, grad_scale, on_router_loss),
             topology=topology,
-            loss_fn=causal_lm_loss,
+            loss_fn=head_loss,
             activation_checkpoint_interval=0,
         )
     module.block_counts = counts
     module.global_names = global_param_names(module)
     init_like_transformers(module, config.initializer_range, seed, module.global_names)
     set_document_mask(module, document_mask)  # known up front: no per-block check of the position ids
+    if compile:
+        compile_blocks(stage_blocks(module))
     return module
 
 

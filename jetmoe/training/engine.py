@@ -17,7 +17,7 @@ from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
 from jetmoe.data.config import resolve_user_path
-from jetmoe.training.config import precision
+from jetmoe.training.config import precision, use_cuda
 from jetmoe.training.optimizer import build_optimizer, param_groups
 
 
@@ -72,6 +72,17 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def compile_on(cfg: DictConfig) -> bool:
+    """train.compile resolved; when on, Inductor's cache goes under the data cache directory."""
+    from jetmoe.data.config import resolve_cache_dir
+    from jetmoe.parallel.compile import compile_enabled, use_cache_dir
+
+    on = compile_enabled(cfg.train.compile, use_cuda(cfg))
+    if on:
+        use_cache_dir(resolve_cache_dir(cfg.data.get("cache_dir")))
+    return on
+
+
 @dataclass
 class EngineParts:
     """What the trainer and the checkpoints work with."""
@@ -82,6 +93,7 @@ class EngineParts:
     scheduler: object  # the LR scheduler
     grad_accumulation: int
     ds_config: dict
+    compiled: bool = False  # train.compile resolved: the stage's blocks run through torch.compile
 
     @property
     def global_names(self) -> dict[str, str]:
@@ -100,9 +112,10 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
     if not isinstance(partition, str):
         partition = list(partition)
     torch.manual_seed(cfg.train.seed)
+    compiled = compile_on(cfg)
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, cfg.train.seed,
                             grad_scale=1.0 / gas, on_router_loss=on_router_loss,
-                            document_mask=bool(cfg.data.document_mask))
+                            document_mask=bool(cfg.data.document_mask), compile=compiled)
     if precision(cfg) == "bf16":
         module.to(torch.bfloat16)
     initialize = deepspeed.initialize
@@ -120,4 +133,4 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
     optimizer, scheduler = build_optimizer(cfg, groups)
     engine, _, _, _ = initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return EngineParts(engine=engine, module=module, optimizer=engine.optimizer, scheduler=engine.lr_scheduler,
-                       grad_accumulation=gas, ds_config=ds_config)
+                       grad_accumulation=gas, ds_config=ds_config, compiled=compiled)

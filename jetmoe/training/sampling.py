@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 
 from jetmoe.errors import JetMoEError
-from jetmoe.parallel.deepspeed_internals import pipeline_logits
+from jetmoe.parallel.deepspeed_internals import pipeline_outputs
 
 KINDS = ("greedy", "temperature")
 
@@ -93,11 +94,12 @@ class Sampler:
         generator = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
         everyone = torch.arange(len(rows))
         for _ in range(s.tokens):
-            logits = pipeline_logits(self.engine, (ids.to(self.device), positions.to(self.device)),
-                                     ids.to(self.device))
+            outputs = pipeline_outputs(self.engine, (ids.to(self.device), positions.to(self.device)),
+                                       ids.to(self.device))
             if self.layout.rank == self.source:
-                chosen = pick_tokens(logits[everyone.to(logits.device), (lengths - 1).to(logits.device)],
-                                     len(prompts), s.temperature, generator)
+                hidden, head_weight = outputs  # the last stage's (final hidden states, head matrix)
+                last = hidden[everyone.to(hidden.device), (lengths - 1).to(hidden.device)]
+                chosen = pick_tokens(F.linear(last, head_weight).float(), len(prompts), s.temperature, generator)
             else:
                 chosen = torch.zeros(len(rows), dtype=torch.long)
             if dist.is_initialized() and dist.get_world_size() > 1:

@@ -196,10 +196,20 @@ class Trainer:
         by_source = self.loader.tokens_by_source()  # data=mixture: cumulative tokens per source
         if by_source is not None:
             row["tokens_by_source"] = by_source
+        if self.parts.compiled and self.state.step == 1:
+            self._log_compile_time()
         every = self.cfg.logging.router_every
         if every and (self.state.step % every == 0 or self.state.step == 1):
             row["router"] = routers.per_layer()
         return row
+
+    def _log_compile_time(self) -> None:
+        """Once, after the first step (which compiled every block's graphs, forward and backward)."""
+        from jetmoe.parallel.compile import compile_stats
+
+        stats = compile_stats()
+        self.metrics.print(f"compile: {stats['compile_s']:.1f} s in the first step ({stats['graphs']} graphs, "
+                           f"{stats['graph_breaks']} graph breaks)")
 
     def evaluate(self) -> dict:
         """`eval_loss` on the held-out data and, with a mixture, `eval_loss_by_source` (per-domain loss)."""

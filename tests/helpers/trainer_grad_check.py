@@ -11,7 +11,7 @@ import socket
 
 import torch
 
-from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, causal_lm_loss, shift_labels
+from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, shift_labels
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.parallel.pipeline import BlockStage, build_pipeline
 from jetmoe.parallel.topology import deepspeed_topology, make_layout
@@ -40,7 +40,7 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(24).expand(2, 24)
     stage.train()
-    lm = causal_lm_loss(stage((ids, pos)), shift_labels(ids))
+    lm = stage.loss_fn(stage((ids, pos)), shift_labels(ids))  # what DeepSpeed's last stage runs
     lm.backward()
     stats = tracker.reduce()
     out = ref(ids, labels=ids)
@@ -62,7 +62,7 @@ def main() -> None:
     calls = []
     # the block's first layer runs once in forward and once more in the recompute
     hooks = [b.input_layernorm.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
-    causal_lm_loss(stage((ids, pos)), shift_labels(ids)).backward()
+    stage.loss_fn(stage((ids, pos)), shift_labels(ids)).backward()
     for h in hooks:
         h.remove()
     checkpoint_diff = max(float((p.grad - grads_before[n]).abs().max()) for n, p in params.items())

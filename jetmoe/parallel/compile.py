@@ -1,0 +1,81 @@
+"""Regional torch.compile of the transformer blocks (`train.compile`), applied from outside the model.
+
+Each JetMoEBlock's regions (its norms, MoA and MoE) are compiled in place (parameter names unchanged). Every
+block runs the same code, so Dynamo's cache on that code serves them all: one compilation, whatever the number
+of blocks or stages.
+Activation recompute wraps the compiled forward (compile first, then `apply_activation_checkpointing`).
+
+Nothing whose size depends on routing enters a graph, so steps whose expert counts differ reuse the same
+graphs. Local dispatch has static shapes (T * k slots) and stays in the graphs; the grouped matmul is our own
+operator (`jetmoe::grouped_mm`, M rows in and out, fp32 and bf16). The expert-parallel dispatcher's plan,
+dispatch and combine sit behind deliberate graph breaks (collectives, one host sync, rows that change every
+step).
+
+Inductor's cache goes under the data cache directory (`<cache>/inductor`), so a requeued job reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from jetmoe.errors import JetMoEError
+
+MODES = ("auto", "true", "false")
+COMPILE_TIME_KEYS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+log = logging.getLogger(__name__)
+
+
+def compile_enabled(mode, cuda: bool) -> bool:
+    """`train.compile`: auto (on with CUDA; off on CPU, where bench/model_cpu.py measured no gain worth the
+    compile time), true, false."""
+    mode = {True: "true", False: "false"}.get(mode, str(mode).lower())
+    if mode not in MODES:
+        raise JetMoEError(f"train.compile={mode!r} is unknown; use auto, true or false")
+    return cuda if mode == "auto" else mode == "true"
+
+
+def use_cache_dir(cache_dir: str | Path) -> Path:
+    """Point Inductor's (and Triton's) on-disk cache at `<cache_dir>/inductor` unless the user chose one
+    (Inductor writes its temp-directory default into the environment the first time it looks)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+# The regions of a block that are compiled, each on its own. Not the whole block: torch 2.13's Inductor CPU
+# code for a graph holding MoA, MoE and the router losses they return zeroes the MoA gates' gradient (found
+# by tests/test_compile.py; aot_eager is right, and so is max_fusion_size=1). Each region alone is right.
+REGIONS = ("input_layernorm", "self_attention", "post_attention_layernorm", "mlp")
+
+
+def compile_blocks(blocks: Iterable[nn.Module]) -> int:
+    """Compile each block's regions in place (forward methods; names unchanged); returns how many blocks.
+    Call before activation checkpointing, which then recomputes the compiled regions."""
+    n = 0
+    for block in blocks:
+        for name in REGIONS:
+            region = getattr(block, name)
+            if not getattr(region.forward, "_jetmoe_compiled", False):
+                region.forward = torch.compile(region.forward)
+                region.forward._jetmoe_compiled = True
+        n += 1
+    return n
+
+
+def compile_stats() -> dict:
+    """Dynamo's counters so far: frames it compiled (a growth after warm-up is a recompilation), graphs,
+    graph breaks, and seconds spent compiling (Dynamo + Inductor, forward and backward graphs)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    seconds = sum(sum(v) for k, v in compilation_time_metrics.items() if k in COMPILE_TIME_KEYS)
+    return {"frames": counters["frames"].get("total", 0), "graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()), "compile_s": seconds}
