@@ -12,17 +12,12 @@ import torch.distributed as dist
 
 
 def main(out_dir: str, overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
+    from trainer_setup import trainer_from_args
 
     from jetmoe.parallel.compile import compile_stats
-    from jetmoe.training.cli import CONFIG_DIR, register
-    from jetmoe.training.trainer import Trainer
 
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
     out = Path(out_dir)
-    trainer = Trainer(cfg, out / "run").setup()
+    trainer, cfg = trainer_from_args([str(out / "run"), *overrides])
     trainer.checkpoint.resume()
     rows, stats = [], []
     for _ in range(cfg.train.max_steps):

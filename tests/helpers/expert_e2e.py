@@ -13,27 +13,20 @@ import torch.distributed as dist
 
 
 def main(out_dir: str, overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
+    from trainer_setup import trainer_from_args
 
-    from jetmoe.training.cli import CONFIG_DIR, register
-    from jetmoe.training.trainer import Trainer
-
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
     out = Path(out_dir)
-    trainer = Trainer(cfg, out / "run").setup()
+    trainer, cfg = trainer_from_args([str(out / "run"), *overrides])
     rows = trainer.train()
     trainer.close()
 
     ep = cfg.parallel.ep
     ep_group = None
     if ep > 1:
-        from deepspeed.utils import groups
-
+        from jetmoe.parallel.deepspeed_internals import expert_parallel_group
         from jetmoe.parallel.expert import expert_group_name
 
-        ep_group = groups._get_expert_parallel_group(expert_group_name(ep))
+        ep_group = expert_parallel_group(expert_group_name(ep))
     module = trainer.parts.module
     params, sliced = [], 0
     for local, p in module.named_parameters():
