@@ -62,6 +62,17 @@ def start_deepspeed_comm(cuda: bool, timeout: timedelta) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)  # reuses the group
 
 
+def close_process_group() -> None:
+    """After a run that ended well on every rank: meet, then tear the group down. Left to interpreter exit,
+    a rank whose peers already exited can abort in gloo's destructor ("terminate called without an active
+    exception"), which torchrun reports as a failed worker."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _export_slurm_task_env() -> None:
     try:
         from submitit.helpers import TorchDistributedEnvironment

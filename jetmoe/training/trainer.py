@@ -20,7 +20,7 @@ from jetmoe.data.fingerprint import data_fingerprint
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.model import aux_loss
-from jetmoe.parallel.process_group import init_process_group, start_deepspeed_comm
+from jetmoe.parallel.process_group import close_process_group, init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager
 from jetmoe.training.config import data_config, model_config, precision, use_cuda
@@ -252,9 +252,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     trainer = Trainer(cfg, run_dir)
     try:
         trainer.setup()
-        return trainer.train()
+        rows = trainer.train()
     finally:
         if hasattr(trainer, "metrics"):
             trainer.close()
         if getattr(trainer, "lock", None) is not None:
             trainer.lock.release()
+    close_process_group()  # only after success: after a failure the peers may be gone (failures.py ends the job)
+    return rows
