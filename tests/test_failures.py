@@ -38,8 +38,9 @@ def test_an_error_on_rank_1_of_3_stages_ends_the_job_within_60s_with_its_message
     proc, log = _start(tmp_path, "raise", "parallel.timeout_s=1800")
     try:
         wait_for(lambda: metrics(tmp_path / "run") or proc.poll() is not None, 240, "step 1")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        fault_at = time.monotonic()  # rank 1 raises as step 2 starts
+        assert metrics(tmp_path / "run"), log.read_text()[-3000:]  # step 1 trained before the fault
+        # rank 1 raises as step 2 starts, which can be before this line runs: the job may already be over
+        fault_at = time.monotonic()
         proc.wait(timeout=60)
         ended_after = time.monotonic() - fault_at
     finally:
