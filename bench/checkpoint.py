@@ -35,11 +35,11 @@ CONFIG = ["model.hidden_size=768", "model.num_hidden_layers=12", "model.intermed
 
 def previous_writer(writer, module, optimizer, layout, global_names):
     """What the writer did before: gather whole tensors (weights and moments) to dp rank 0, which writes."""
-    from jetmoe.training.checkpoint.contents import _name_fn
+    from jetmoe.training.checkpoint.rank_files import name_fn
     from jetmoe.training.checkpoint.tensors import OPTIMIZER_KEYS, access_for, entries, gather_whole
 
     access = access_for(optimizer)
-    owned = [e for e in entries(module, _name_fn(global_names)) if not getattr(e.param, "ds_pipe_replicated", False)]
+    owned = [e for e in entries(module, name_fn(global_names)) if not getattr(e.param, "ds_pipe_replicated", False)]
     for key, stem in ((None, "model"), *((k, f"optimizer/{k}") for k in OPTIMIZER_KEYS)):
         part = {e.name: gather_whole(e, access, key).cpu() for e in owned}
         if layout.dp_rank == 0:
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     params = count_params(ModelShape.from_config(cfg.model)).total
 
     def writer_for(step):
-        return store.CheckpointWriter(root, step, manager.comm)
+        return store.CheckpointWriter(root, step, manager.comm, manager.launch)
 
     def spread(value):
         return manager.comm.gather(value)

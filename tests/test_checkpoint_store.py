@@ -165,3 +165,60 @@ def test_crash_mid_save_leaves_previous_checkpoint_and_latest(tmp_path, monkeypa
     _save(tmp_path, 3, model, opt, sched, loader)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert read_latest(tmp_path) == "step_00000003"
+
+
+def _as_format_1(folder):
+    """Rewrite a checkpoint folder as format 1 wrote it: whole optimizer tensors in one file per key (index:
+    {key: {name: file}}), a manifest with whole-file hashes and no block hashes."""
+    from safetensors.torch import load_file, save_file
+
+    from jetmoe.training.checkpoint.parts import PartReader
+
+    reader = PartReader(folder)
+    index = reader.json("optimizer/index.json")
+    old_index = {}
+    for key, per_name in index.items():
+        whole = {n: reader.flat(s["parts"], n, 0, torch.Size(s["shape"]).numel()).reshape(s["shape"]).clone()
+                 for n, s in per_name.items()}
+        for file in {p[0] for s in per_name.values() for p in s["parts"]}:
+            (folder / file).unlink()
+        save_file(whole, str(folder / f"optimizer/{key}-pp00.safetensors"))
+        old_index[key] = {n: f"optimizer/{key}-pp00.safetensors" for n in whole}
+    (folder / "optimizer/index.json").write_text(json.dumps(old_index))
+    files = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    manifest = {"format": folders.FORMAT, "version": 1, "step": reader.manifest["step"],
+                "files": {n: {"size": p.stat().st_size, "sha256": folders.sha256_file(p)} for n, p in files.items()}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folders._KNOWN.clear()
+
+
+def test_format_1_checkpoint_resumes_exactly_and_is_verified(tmp_path):
+    config = tiny_config()
+    full = train_steps(*make_run(config), 5)
+    model, opt, sched, loader = make_run(config)
+    first = train_steps(model, opt, sched, loader, 2)
+    folder = _save(tmp_path, 2, model, opt, sched, loader)
+    _as_format_1(folder)
+    assert verify(folder) == []
+
+    model, opt, sched, loader = make_run(config, seed=1)
+    loader.seed = 0
+    state = TrainingState(scheduler=sched, loader=loader)
+    read_into(folder, model, opt, state)
+    assert state.step == 2 and first + train_steps(model, opt, sched, loader, 3) == full
+
+    exp_avg = folder / "optimizer/exp_avg-pp00.safetensors"
+    data = bytearray(exp_avg.read_bytes())
+    data[-1] ^= 0xFF
+    exp_avg.write_bytes(bytes(data))
+    with pytest.raises(JetMoEError, match="exp_avg-pp00.safetensors is altered"):
+        read_into(folder, *make_run(config)[:2], TrainingState())
+
+
+def test_newer_format_is_refused_with_the_fix(tmp_path):
+    _, (_, folder) = _trained(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = folders.VERSION + 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(JetMoEError, match="newer jetmoe.*upgrade jetmoe"):
+        read_into(folder, *make_run(tiny_config())[:2], TrainingState())

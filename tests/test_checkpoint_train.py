@@ -10,13 +10,15 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from jetmoe.training.checkpoint import list_checkpoints, read_latest, verify
-from helpers.ckpt_run import ROOT, command, env, metrics, pretrain, workers
+from helpers.ckpt_run import FAST, ROOT, command, env, metrics, pretrain, workers
+from helpers.launch_util import free_port
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -172,7 +174,7 @@ def test_kill9_during_async_save_keeps_latest_and_resumes(reference, tmp_path, c
     proc = subprocess.Popen(cmd, env={**env(cache), **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(tmp_path, 5, proc)  # the loop went on while step 4 was being written
     root = tmp_path / "checkpoints"
-    assert (root / ".step_00000004.partial").is_dir() and read_latest(root) == "step_00000002"
+    assert len(list(root.glob(".step_00000004.*.partial"))) == 1 and read_latest(root) == "step_00000002"
     os.kill(workers(proc.pid)[1], signal.SIGKILL)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
@@ -215,3 +217,53 @@ def test_bf16_dp2_resume_is_exact(tmp_path, cache):
     rows = metrics(resumed)
     assert sorted(rows) == [3, 4]
     _assert_losses(rows, ref, [3, 4], exact=True)
+
+
+def _probe(mode, run_dir, *overrides, cache, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "tests/helpers/ckpt_bf16.py"), mode, str(run_dir), *FAST,
+           *overrides]
+    run = subprocess.run(cmd, env=env(cache), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def _whole_state(folder, key):
+    """{name: whole tensor} of one optimizer/index.json key, assembled from every rank's fragments."""
+    from jetmoe.training.checkpoint.parts import PartReader
+
+    reader = PartReader(folder)
+    index = reader.json("optimizer/index.json")[key]
+    return {n: reader.flat(s["parts"], n, 0, math.prod(s["shape"])).reshape(s["shape"]) for n, s in index.items()}
+
+
+def test_bf16_async_save_blocks_without_collectives_and_masters_move_exactly(tmp_path, cache):
+    """bf16 at dp=2: the blocking part of an async save runs no collective (weights come from the bf16 working
+    copy every rank holds whole; the fp32 masters are written by the rank that owns them, like Adam's state).
+    The weight files are the bf16 working copy (a bf16 transformers folder), equal to the masters rounded;
+    resumed at dp=1 and saved again, masters and moments come back bit for bit."""
+    from safetensors.torch import load_file
+
+    bf16 = ("train.precision=bf16", "checkpoint.keep=0")
+    run = _probe("save", tmp_path / "dp2", *bf16, cache=cache, nproc=2)
+    blocking = re.findall(r"rank (\d): collectives while blocking: (.*)", run.stdout)
+    assert sorted(r for r, _ in blocking) == ["0", "1"] and all(seen == "[]" for _, seen in blocking), run.stdout
+    folder = _ckpt(tmp_path / "dp2", 2)
+    assert read_latest(tmp_path / "dp2" / "checkpoints") == folder.name and verify(folder) == []
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert sorted(p.name for p in (folder / "optimizer").glob("master-*")) == \
+        ["master-pp00-dp00.safetensors", "master-pp00-dp01.safetensors"]
+    weights = {k: v for f in folder.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    masters = _whole_state(folder, "master")
+    assert weights.keys() == masters.keys() and all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert all(torch.equal(masters[n].to(torch.bfloat16), weights[n]) for n in weights)
+    assert any(not torch.equal(masters[n], weights[n].float()) for n in weights)  # the masters hold more
+
+    again = tmp_path / "dp1"
+    _probe("resave", again, *bf16, f"checkpoint.resume={folder}", cache=cache, nproc=1)
+    resaved = _ckpt(again, 2)
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        before, after = _whole_state(folder, key), _whole_state(resaved, key)
+        assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before), key
+    after = {k: v for f in resaved.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    assert all(torch.equal(after[n], weights[n]) for n in weights)

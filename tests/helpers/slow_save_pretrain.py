@@ -16,7 +16,7 @@ from jetmoe.training.checkpoint import store  # noqa: E402
 
 if os.environ.get("RANK") == os.environ.get("JETMOE_TEST_SLOW_RANK") \
         and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-    marker = f".step_{int(os.environ['JETMOE_TEST_SLOW_STEP']):08d}.partial"
+    marker = f"/.step_{int(os.environ['JETMOE_TEST_SLOW_STEP']):08d}."  # .step_XXXXXXXX.<launch>.partial
     delay = float(os.environ.get("JETMOE_TEST_SLOW_S", "2"))
     real = store.write_bytes
 

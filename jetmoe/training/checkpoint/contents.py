@@ -2,26 +2,27 @@
 
     config.json                            transformers' JetMoe config (the folder loads with from_pretrained)
     model.safetensors.index.json           transformers' index: global name -> file
-    model-pp00[-dp01][-part1].safetensors  fp32 weights, whole tensors (experts whole); a stage's tensors
-                                           are spread over its dp ranks (-dpNN only when dp > 1)
+    model-pp00[-dp01][-part1].safetensors  weights in the working dtype, whole tensors (experts whole); a
+                                           stage's tensors are spread over its dp ranks (-dpNN when dp > 1)
     optimizer/index.json                   {"exp_avg": {name: {"shape": [...], "parts": [[file, start, numel]]}}}
     optimizer/exp_avg-pp00[-dp01].safetensors  the Adam moments this rank's ZeRO-1 partition holds: flat
                                            fragments keyed by global name, elements [start, start+numel)
                                            of the flattened whole tensor (expert rows offset by ep rank)
+    optimizer/master-pp00[-dp01].safetensors   bf16 runs only: the fp32 master fragments, laid out the same
     rng/rank00000.safetensors              each rank's RNG states
     trainer_state.json                     step, optimizer step, lrs, scheduler, data position, layout, config
     manifest.json                          every file above with size and sha256 (written last)
 
-Every rank writes its own part (no gather of optimizer state; weights gathered only for experts over ep,
-or from the ZeRO masters when the working copy is not fp32); rank 0 writes the JSON files. Any rank of
-any later layout reads back only the ranges it holds (parts.PartReader).
+Every rank writes its own part (rank_files.py; no collective over dp), rank 0 the JSON files. Any rank of
+any later layout reads back only the ranges it holds (parts.PartReader). A weight's fp32 value comes from
+the master fragments when the checkpoint has them, else from the weight file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,12 +30,20 @@ from jetmoe.errors import JetMoEError
 from jetmoe.training.checkpoint import rng
 from jetmoe.parallel.topology import Layout
 from jetmoe.training.checkpoint.parts import PartReader
+from jetmoe.training.checkpoint.rank_files import (
+    MASTER,
+    SHARD_BYTES,
+    jobs,
+    name_fn,
+    optimizer_index,
+    stores_masters,
+    weight_dtype,
+)
 from jetmoe.training.checkpoint.store import CheckpointWriter, tensor_index
 from jetmoe.training.checkpoint.tensors import (
     OPTIMIZER_KEYS,
     access_for,
     entries,
-    gather_whole,
     local_rows,
     optimizer_step,
     set_optimizer_step,
@@ -58,109 +67,6 @@ class TrainingState:
     bytes_read: int = 0  # set by read_into: bytes this rank read from the checkpoint
 
 
-def _name_fn(global_names: dict[str, str] | Callable | None) -> Callable[[str], str | None]:
-    if global_names is None:
-        return lambda n: n
-    if callable(global_names):
-        return global_names
-    return global_names.get
-
-
-SHARD_BYTES = 2 << 30  # bounds the writer's host memory on a synchronous save: one shard at a time
-
-
-def _assign(owned, dp: int) -> list[int]:
-    """dp rank that writes each whole weight: largest first onto the least loaded rank (the same on every
-    rank). Optimizer state needs no plan: ZeRO-1 partitions are already balanced and written where held."""
-    load, owner = [0] * dp, [0] * len(owned)
-    for i in sorted(range(len(owned)), key=lambda i: (-owned[i].param.numel() * owned[i].ep_size, i)):
-        rank = min(range(dp), key=lambda r: (load[r], r))
-        owner[i] = rank
-        load[rank] += owned[i].param.numel() * owned[i].ep_size
-    return owner
-
-
-def _host(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    """A host tensor that training cannot change underneath a background writer."""
-    t = t.detach()
-    if t.is_cuda:
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return buf.copy_(t, non_blocking=True)  # the caller synchronises once for all copies
-    return t.clone() if copy else t
-
-
-def _whole_weight(entry, access, mine: bool):
-    """The whole fp32 weight on its writer. fp32 working copies equal ZeRO's masters after a step, so no
-    collective is needed for them; other dtypes read the masters (a collective over dp); experts gather
-    their rows over the ep group (collective). Every rank of the stage calls this for every entry."""
-    if entry.ep_group is None and entry.param.dtype == torch.float32:
-        return entry.param if mine else None
-    whole = gather_whole(entry, access, None)
-    return whole if mine else None
-
-
-def _sharded(items, stem: str, shard_bytes: int):
-    """(name, tensor, part-or-None) -> jobs (file, tensors, metadata, parts), files of at most ~shard_bytes."""
-    index, size, tensors, parts = 0, 0, {}, {}
-    for name, t, part in items:
-        if tensors and size + 4 * t.numel() > shard_bytes:
-            yield f"{stem}{f'-part{index}' if index else ''}.safetensors", tensors, None, parts
-            index, size, tensors, parts = index + 1, 0, {}, {}
-        tensors[name] = t
-        size += 4 * t.numel()
-        if part is not None:
-            parts[name] = part
-    if tensors:
-        yield f"{stem}{f'-part{index}' if index else ''}.safetensors", tensors, None, parts
-
-
-def jobs(module, optimizer, layout: Layout, global_names=None, shard_bytes: int = SHARD_BYTES, copy: bool = False):
-    """This rank's files as (name, tensors, metadata, parts), tensors on the host. Every rank of a stage
-    iterates it to the end (collectives inside). Weights: whole tensors, spread over the stage's dp ranks;
-    optimizer state: this rank's own ZeRO-1 fragments, flat, with their place in the whole tensor."""
-    access = access_for(optimizer)
-    owned = [e for e in entries(module, _name_fn(global_names)) if not getattr(e.param, "ds_pipe_replicated", False)]
-    owner = _assign(owned, layout.dp)
-    tag = f"pp{layout.stage:02d}" + (f"-dp{layout.dp_rank:02d}" if layout.dp > 1 else "")
-
-    def weights():
-        for e, rank in zip(owned, owner):
-            whole = _whole_weight(e, access, rank == layout.dp_rank)
-            if whole is not None:
-                yield e.name, _host(whole, copy), None
-
-    for name, tensors, _, parts in _sharded(weights(), f"model-{tag}", shard_bytes):
-        yield name, tensors, {"format": "pt"}, None
-    if optimizer is not None:
-        for key in OPTIMIZER_KEYS:
-            def fragments(key=key):
-                for e in owned:
-                    frag = access.fragment(e.param, primary=layout.dp_rank == 0)
-                    if frag is None or frag[1] == 0:
-                        continue
-                    start = e.ep_rank * e.param.numel() + frag[0]
-                    shape = [e.param.shape[0] * e.ep_size, *e.param.shape[1:]]
-                    yield e.name, _host(access.get_fragment(e.param, key), copy), [start, frag[1], shape]
-
-            yield from _sharded(fragments(), f"optimizer/{key}-{tag}", shard_bytes)
-    tensors, meta = rng.capture()
-    yield f"rng/rank{layout.rank:05d}.safetensors", tensors, meta, None
-
-
-def _optimizer_index(records, with_optimizer: bool) -> dict:
-    out = {key: {} for key in (OPTIMIZER_KEYS if with_optimizer else ())}
-    for r in records:
-        for key in out:
-            if r.name.startswith(f"optimizer/{key}-"):
-                for name, (start, numel, shape) in r.parts.items():
-                    slot = out[key].setdefault(name, {"shape": shape, "parts": []})
-                    slot["parts"].append([r.name, start, numel])
-    for per_key in out.values():
-        for slot in per_key.values():
-            slot["parts"].sort(key=lambda p: p[1])
-    return out
-
-
 def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: TrainingState, layout: Layout,
           model_config=None, global_names=None, shard_bytes: int = SHARD_BYTES, tokenizer=None,
           background: bool = False) -> dict[str, Any]:
@@ -176,6 +82,7 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
         for job in jobs(module, optimizer, layout, global_names, shard_bytes):
             writer.write_tensors(*job)
 
+    keys = () if optimizer is None else (*OPTIMIZER_KEYS, *((MASTER,) if stores_masters(module, optimizer) else ()))
     access = access_for(optimizer)
     opt_step = optimizer_step(access) if optimizer is not None else 0
     inner = access.inner() if optimizer is not None else None
@@ -195,13 +102,13 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
             "metadata": {"total_size": _total(records, "model-")},
             "weight_map": tensor_index(records, "model-"),
         },
-        OPTIMIZER_INDEX: lambda records: _optimizer_index(records, optimizer is not None),
+        OPTIMIZER_INDEX: lambda records: optimizer_index(records, keys),
         TRAINER_STATE: _jsonable(trainer_state),
     }
     if model_config is not None:  # config.json, generation_config.json and the tokenizer: a transformers folder
         from jetmoe.training.checkpoint.hf_files import model_files
 
-        files.update(model_files(model_config, tokenizer, torch.float32))
+        files.update(model_files(model_config, tokenizer, weight_dtype(module)))
     return files
 
 
@@ -262,14 +169,15 @@ def _read(reader, folder, module, optimizer, state, layout, global_names) -> dic
     trainer_state = reader.json(TRAINER_STATE)
     weight_map = reader.json(MODEL_INDEX)["weight_map"]
     optim_index = reader.json(OPTIMIZER_INDEX) if reader.has(OPTIMIZER_INDEX) else {}
+    masters = optim_index.get(MASTER, {})
     access = access_for(optimizer)
     with_optimizer = optimizer is not None
     if with_optimizer:
-        if set(optim_index) != set(OPTIMIZER_KEYS) or not all(optim_index.values()):
+        if not all(optim_index.get(key) for key in OPTIMIZER_KEYS):
             raise JetMoEError(f"{folder} holds no optimizer state; start from it with model.init_from={folder}")
         access.prepare_load()
 
-    for e in entries(module, _name_fn(global_names)):
+    for e in entries(module, name_fn(global_names)):
         if e.name not in weight_map:
             raise JetMoEError(f"{folder} has no weight {e.name}; the model config differs from the one it was saved with")
         file = weight_map[e.name]
@@ -279,14 +187,19 @@ def _read(reader, folder, module, optimizer, state, layout, global_names) -> dic
             raise JetMoEError(f"{folder}: {e.name} has shape {whole}, this model needs {expected}; "
                               "the model config differs from the one it was saved with")
         lo = e.ep_rank * e.param.numel()  # this rank's expert rows are one flat range of the whole tensor
+        master = masters.get(e.name)
+
+        def fp32(a, b):  # flat elements [a, b) of the whole weight in fp32
+            if master is not None:
+                return reader.flat(master["parts"], e.name, a, b)
+            return reader.tensor(file, e.name, a, b).float()
+
         frag = access.fragment(e.param, primary=True)
         if access.partitioned:  # only this rank's ZeRO partition of the fp32 master; finish_load does the rest
             if frag is not None and frag[1]:
-                access.set_fragment(e.param, None, reader.tensor(file, e.name, lo + frag[0], lo + frag[0] + frag[1]))
-        elif e.ep_group is None:
-            access.set(e.param, None, reader.tensor(file, e.name))
+                access.set_fragment(e.param, None, fp32(lo + frag[0], lo + frag[0] + frag[1]))
         else:
-            access.set(e.param, None, reader.tensor(file, e.name, lo, lo + e.param.numel()).reshape(e.param.shape))
+            access.set(e.param, None, fp32(lo, lo + e.param.numel()).reshape(e.param.shape))
         if not with_optimizer:
             continue
         if frag is None or frag[1] == 0:
@@ -337,7 +250,7 @@ def _load_scheduler(scheduler, sd: dict) -> None:
 def load_tensors(module, access, global_names, source: str, keys, shape, get, has) -> None:
     """Copy whole tensors (this rank's expert rows only) from a source into the module and optimizer.
     shape(key, name) / get(key, name, rows) with key None for the weight, else an optimizer key."""
-    for e in entries(module, _name_fn(global_names)):
+    for e in entries(module, name_fn(global_names)):
         if not has(e.name):
             raise JetMoEError(f"{source} has no weight {e.name}; the model config differs from the one it was saved with")
         whole = tuple(shape(None, e.name))

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 
 from jetmoe.errors import JetMoEError
 from jetmoe.training.checkpoint import folders
-from jetmoe.training.checkpoint.folders import CheckpointReader
-from jetmoe.training.checkpoint.contents import MODEL_INDEX
+from jetmoe.training.checkpoint.contents import MODEL_INDEX, OPTIMIZER_INDEX
+from jetmoe.training.checkpoint.parts import PartReader
+from jetmoe.training.checkpoint.rank_files import MASTER
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -91,9 +92,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         raise JetMoEError(f"{out} exists and is not empty; choose a new output folder")
     folder = find_checkpoint(checkpoint, log=log)
     config = read_config(folder)
-    reader = CheckpointReader(folder)
-    step = reader.step
+    reader = PartReader(folder, verify="size")  # find_checkpoint verified it
+    step = int(reader.manifest["step"])
     weight_map = reader.json(MODEL_INDEX)["weight_map"]
+    masters = reader.json(OPTIMIZER_INDEX).get(MASTER, {}) if reader.has(OPTIMIZER_INDEX) else {}
+
+    def weight(name):  # the fp32 master when a bf16 run stored one, else the weight file's tensor
+        if name not in masters:
+            return reader.tensor(weight_map[name], name)
+        shape = masters[name]["shape"]
+        return reader.flat(masters[name]["parts"], name, 0, int(torch.Size(shape).numel())).reshape(shape)
     names = sorted(weight_map, key=_layer_order)
     extra_files = _tokenizer_files(reader, config, tokenizer, log)
 
@@ -108,7 +116,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         index, total = {}, 0
         for i, shard in enumerate(shards, 1):
             file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {n: reader.tensor(weight_map[n], n).to(torch_dtype).contiguous() for n in shard}
+            tensors = {n: weight(n).to(torch_dtype).contiguous() for n in shard}
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
             index.update({n: file for n in shard})

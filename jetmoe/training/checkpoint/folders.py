@@ -21,7 +21,9 @@ from jetmoe.errors import JetMoEError
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = "jetmoe-checkpoint"
-VERSION = 2  # 2: optimizer state as per-rank flat fragments (optimizer/index.json lists parts)
+# 1: whole tensors; 2: optimizer state as per-rank flat fragments (optimizer/index.json lists parts);
+# 3: bf16 runs store bf16 weight files and their fp32 masters as fragments (optimizer/master-*)
+VERSION = 3
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -69,6 +71,9 @@ def load_manifest(folder: str | Path) -> dict:
         raise JetMoEError(f"{path} is unreadable ({e}); pass another checkpoint")
     if manifest.get("format") != FORMAT:
         raise JetMoEError(f"{path} is not a jetmoe checkpoint manifest; pass a step folder written by training")
+    if int(manifest.get("version", 1)) > VERSION:
+        raise JetMoEError(f"{folder} was written by a newer jetmoe (checkpoint format {manifest['version']}, this "
+                          f"one reads up to {VERSION}); upgrade jetmoe to load it")
     return manifest
 
 

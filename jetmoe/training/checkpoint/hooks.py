@@ -19,6 +19,7 @@ before the next save, a stop or the end. A crash before that leaves the previous
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 
@@ -61,6 +62,7 @@ class CheckpointManager:
         self.comm = store.default_comm()
         root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
+        self.launch = self.comm.broadcast(uuid.uuid4().hex[:8])  # names this launch's staging folders
         self.run_dir = Path(run_dir)
         self.last_saved: int | None = None
         self.signal = StopSignal()
@@ -194,7 +196,7 @@ class CheckpointManager:
                             f"save of step {pending_step} to finish writing")
             self.commit_pending()
         started = time.perf_counter()
-        writer = store.CheckpointWriter(self.root, step, self.comm)
+        writer = store.CheckpointWriter(self.root, step, self.comm, self.launch)
         files = contents.write(writer, self.module, self.optimizer, self._contents_state(step), self.layout,
                                model_config=self.model_config, global_names=self.global_names,
                                tokenizer=self.tokenizer, background=background)

@@ -153,16 +153,22 @@ class CheckpointWriter:
     (collective). A failure on any rank (e.g. a full disk) is carried to `commit`, which then removes the
     staging folder on every rank and raises the same JetMoEError everywhere, leaving older checkpoints alone."""
 
-    def __init__(self, root: str | Path, step: int, comm=None) -> None:
+    def __init__(self, root: str | Path, step: int, comm=None, launch: str | None = None) -> None:
+        """launch: a name the ranks of this launch agreed on once. With it the staging folder is
+        `.step_XXXXXXXX.<launch>.partial`, which no crashed launch can have left, so each rank creates it as
+        it writes and the constructor needs no collective (an async save's blocking part has none). Without
+        it, rank 0 replaces a stale `.step_XXXXXXXX.partial` first (a broadcast)."""
         self.comm = comm or default_comm()
         self.root = Path(root)
         self.step = int(step)
         self.final = self.root / step_dir_name(self.step)
-        self.staging = self.root / f".{step_dir_name(self.step)}.partial"
+        self.staging = self.root / f".{step_dir_name(self.step)}{f'.{launch}' if launch else ''}.partial"
         self.records: list[FileRecord] = []
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self.write_s = 0.0  # seconds this rank spent serialising, writing, hashing and fsyncing
+        if launch:
+            return
         problem = None
         if self.comm.rank == 0:
             try:

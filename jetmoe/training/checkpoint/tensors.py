@@ -86,7 +86,7 @@ class TorchAccess:
         A plain optimizer's state is replicated: the primary (dp rank 0) owns all of it."""
         return (0, param.numel()) if primary else None
 
-    def get_fragment(self, param, key: str) -> torch.Tensor:
+    def get_fragment(self, param, key: str | None) -> torch.Tensor:
         return self.get(param, key).reshape(-1)
 
     def set_fragment(self, param, key: str, value: torch.Tensor) -> None:
@@ -158,10 +158,13 @@ class ZeroAccess(TorchAccess):
         address = mapping.lp_fragment_address
         return int(address.start), int(address.numel)
 
-    def get_fragment(self, param, key: str) -> torch.Tensor:
+    def get_fragment(self, param, key: str | None) -> torch.Tensor:
+        """key None: this rank's fragment of the fp32 master."""
         from jetmoe.parallel.deepspeed_internals import zero_fragment
 
         mapping = zero_fragment(param)
+        if key is None:
+            return mapping.hp_fragment.detach().float()
         if not self._states_exist():
             return torch.zeros(mapping.lp_fragment_address.numel, dtype=torch.float32)
         return mapping.get_optim_state_fragment(key).detach().float()
