@@ -258,6 +258,11 @@ def test_bf16_async_save_blocks_without_collectives_and_masters_move_exactly(tmp
     assert weights.keys() == masters.keys() and all(w.dtype == torch.bfloat16 for w in weights.values())
     assert all(torch.equal(masters[n].to(torch.bfloat16), weights[n]) for n in weights)
     assert any(not torch.equal(masters[n], weights[n].float()) for n in weights)  # the masters hold more
+    from jetmoe.plan.checkpoint import bytes_per_param  # the planner's size model, against the bytes on disk
+
+    stored = sum(p.stat().st_size for p in [*folder.glob("model-*"), *folder.glob("optimizer/*.safetensors")])
+    params = sum(w.numel() for w in weights.values())
+    assert abs(stored / (bytes_per_param(2) * params) - 1) < 0.02, (stored, params)
 
     again = tmp_path / "dp1"
     _probe("resave", again, *bf16, f"checkpoint.resume={folder}", cache=cache, nproc=1)

@@ -163,7 +163,8 @@ def make_plan(inp: PlanInputs) -> Plan:
         flops_dense=f_dense, flops_attention=f_attn, tokens_per_step=tokens, step_seconds=step,
         tokens_per_sec=tokens / step, a2a_bytes_per_rank=a2a, pipeline_bytes_per_boundary=pipe,
         dp_bytes_per_rank=dp_bytes, comm_seconds=comm, fits=max(x.peak for x in memory) <= budget,
-        checkpoint=checkpoint_plan(stages, lay, counts.embedding if shape.tied else 0, inp.storage_gbps),
+        checkpoint=checkpoint_plan(stages, lay, counts.embedding if shape.tied else 0, inp.storage_gbps,
+                                   pb),
     )
     _advise(plan, per_dp, budget)
     return plan

@@ -50,7 +50,7 @@ def render(plan: Plan) -> str:
          f"(peak {i.gpu.peak_tflops:.0f} TFLOP/s bf16); comm estimate {plan.comm_seconds:.2f} s"))
     add(("throughput", f"{_n(plan.tokens_per_sec)} tokens/s, {_n(plan.tokens_per_day)} tokens/day"))
     ck = plan.checkpoint
-    add(("checkpoint", f"{ck.total_bytes / 1e9:.1f} GB per save (fp32 weights + Adam), "
+    add(("checkpoint", f"{ck.total_bytes / 1e9:.1f} GB per save ({_contents(i.precision.param_bytes)}), "
          f"{' / '.join(f'{b / 1e9:.2f}' for b in ck.per_rank_bytes)} GB per rank by stage; "
          f"{ck.write_seconds:.0f} s to write at {ck.storage_gbps:g} GB/s per node"))
     for w in plan.warnings:
@@ -63,3 +63,7 @@ def render(plan: Plan) -> str:
 
 def json_line(plan: Plan) -> str:
     return json.dumps(plan.summary(), sort_keys=False)
+
+
+def _contents(weight_bytes: int) -> str:
+    return "fp32 weights + Adam" if weight_bytes == 4 else "bf16 weights + fp32 masters + Adam"
