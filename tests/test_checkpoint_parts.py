@@ -70,3 +70,27 @@ def test_keep_every_keeps_milestones_forever(tmp_path):
     for step in range(1, 7):
         save(tmp_path, step, model, opt, TrainingState(step=step), keep=2, keep_every=3)
     assert [p.name for p in folders.list_checkpoints(tmp_path)] == ["step_00000006", "step_00000005", "step_00000003"]
+
+
+def test_a_commit_leaves_unverified_old_checkpoints_to_the_background_verifier(tmp_path):
+    """After a restart, the checkpoints of earlier launches are unknown to this process. A trainer's commit
+    (unknown="skip") neither reads nor deletes them; once verify_in_background has checked them, the next
+    prune keeps the newest `keep` and never a damaged one."""
+    model, opt, sched, loader = make_run(tiny_config())
+    for step in range(1, 4):
+        save(tmp_path, step, model, opt, TrainingState(step=step))
+    damaged = tmp_path / "step_00000003" / "trainer_state.json"
+    damaged.write_text(damaged.read_text().replace('"step": 3', '"step": 9'))  # same size, other bytes
+    folders._KNOWN.clear()  # a new launch: it wrote none of them
+
+    writer = CheckpointWriter(tmp_path, 4, launch="L2")
+    writer.write_tensors("w.safetensors", {"w": torch.zeros(3)})
+    writer.commit(keep=2, unknown="skip")
+    assert [p.name for p in folders.list_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in (4, 3, 2, 1)]
+    assert all(folders._KNOWN.get(p.resolve()) is None for p in folders.list_checkpoints(tmp_path)[1:])
+
+    folders.verify_in_background(tmp_path).join()
+    assert folders._KNOWN[(tmp_path / "step_00000003").resolve()] is False
+    folders.prune(tmp_path, keep=2, unknown="skip")
+    assert [p.name for p in folders.list_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in (4, 3, 2)]
+    assert not list(tmp_path.glob(".step_*"))  # the deleted folder went through a .pruned rename

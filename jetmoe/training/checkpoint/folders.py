@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,20 @@ def _problems(folder: Path, hashes: bool) -> list[str]:
     return problems
 
 
+def verify_in_background(root: str | Path) -> threading.Thread:
+    """Hash-verify, in a daemon thread, the checkpoints under `root` this process knows nothing about (those
+    of earlier launches), so that prune(unknown="skip") can count and delete them later."""
+
+    def run():
+        for folder in list_checkpoints(root):
+            if _KNOWN.get(folder.resolve()) is None:
+                verify(folder)
+
+    thread = threading.Thread(target=run, name="checkpoint-verify", daemon=True)
+    thread.start()
+    return thread
+
+
 def resolve(spec: str | None, root: str | Path | None, hashes: bool = True, log=print) -> Path | None:
     """The checkpoint folder to resume from, verified.
 
@@ -179,7 +195,7 @@ def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
 
 
 def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
-          protect: str | Path | None = None) -> list[Path]:
+          protect: str | Path | None = None, unknown: str = "verify") -> list[Path]:
     """Keep the newest `keep` intact checkpoints (keep <= 0: keep all), those whose step is a multiple of
     `keep_every` (> 0: kept forever, e.g. for annealing branches) and `protect` (the folder just
     committed); delete older intact ones and stale staging folders. Damaged folders neither count nor are
@@ -187,7 +203,9 @@ def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
     from outlive that run's saves until `keep` newer intact ones exist.
 
     A folder this process neither wrote nor checked is verified once (`hashes`: every byte read) before it
-    counts or is deleted; its verdict is remembered for later saves."""
+    counts or is deleted; its verdict is remembered for later saves. unknown="skip" leaves such folders
+    for a later prune instead (neither counted nor deleted: more are kept, never fewer), for a trainer whose
+    verify_in_background is reading them, so a commit never waits for ~100 GB of old checkpoints."""
     root = Path(root)
     protect = Path(protect).resolve() if protect is not None else None
     removed = []
@@ -197,6 +215,8 @@ def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
             key = folder.resolve()
             known = _KNOWN.get(key)
             if known is None:
+                if unknown == "skip":
+                    continue
                 known = not verify(folder, hashes)
             if not known:
                 continue
@@ -205,11 +225,14 @@ def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
                 continue
             if keep_every > 0 and int(_STEP_DIR.match(folder.name).group(1)) % keep_every == 0:
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
+            trash = root / f".{folder.name}.pruned"  # renamed first: a kill mid-delete leaves no half checkpoint
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
             _KNOWN.pop(key, None)
             removed.append(folder)
     for child in root.iterdir() if root.is_dir() else []:
-        if child.name.startswith(".step_") and child.name.endswith((".partial", ".old")):
+        if child.name.startswith(".step_") and child.name.endswith((".partial", ".old", ".pruned")):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed

@@ -63,6 +63,7 @@ class CheckpointManager:
         root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
         self.launch = self.comm.broadcast(uuid.uuid4().hex[:8])  # names this launch's staging folders
+        self.verifier = None  # rank 0: the thread verifying earlier launches' checkpoints for pruning
         self.run_dir = Path(run_dir)
         self.last_saved: int | None = None
         self.signal = StopSignal()
@@ -86,7 +87,14 @@ class CheckpointManager:
         """Load the checkpoint that checkpoint.resume names (or model.init_from's weights); returns the
         optimizer steps already done (0 for a fresh start). Rank 0 picks the newest checkpoint whose
         file sizes match its manifest; then every rank reads and verifies only its own part. If any rank
-        finds a file altered, `auto` falls back to the next older checkpoint."""
+        finds a file altered, `auto` falls back to the next older checkpoint. Then, with checkpoint.keep,
+        rank 0 hash-verifies earlier launches' checkpoints in a thread, for pruning (folders.prune)."""
+        step = self._resume()
+        if self.comm.rank == 0 and self.keep > 0 and self.verifier is None:
+            self.verifier = folders.verify_in_background(self.root)
+        return step
+
+    def _resume(self) -> int:
         spec = str(self.cfg.checkpoint.resume)
         if spec.lower() not in ("auto", "none") and not spec.startswith("/"):
             spec = str(resolve_user_path(spec))
@@ -217,7 +225,8 @@ class CheckpointManager:
         return self._commit(writer, files, step, started)
 
     def _commit(self, writer, files, step: int, started: float) -> Path:
-        folder = writer.commit(files, keep=self.keep, keep_every=self.keep_every)
+        folder = writer.commit(files, keep=self.keep, keep_every=self.keep_every,
+                               unknown="skip" if self.verifier is not None else "verify")
         written = self.comm.gather(writer.bytes_written)
         if self.comm.rank == 0:
             mean = sum(written) / len(written)
@@ -252,3 +261,6 @@ class CheckpointManager:
         if self.every and self.last_saved != step and step > 0:
             self.save(step)
         self.commit_pending()
+        if self.verifier is not None:  # the run ends with `keep` honoured, whatever the verifier had reached
+            self.verifier.join()
+            folders.prune(self.root, self.keep, self.keep_every)

@@ -246,9 +246,11 @@ class CheckpointWriter:
         return f"checkpoint step {self.step} could not be written: {what} while writing {path}; {kept}; {fix}"
 
     # -- collective
-    def commit(self, extra_files: dict[str, Any] | None = None, keep: int = 0, keep_every: int = 0) -> Path:
+    def commit(self, extra_files: dict[str, Any] | None = None, keep: int = 0, keep_every: int = 0,
+               unknown: str = "verify") -> Path:
         """extra_files: name -> JSON object, written by rank 0 (indexes, trainer state). Returns the folder.
-        Waits for this rank's background writes; publishes only when every rank's files are durable."""
+        Waits for this rank's background writes; publishes only when every rank's files are durable.
+        keep, keep_every, unknown: then prune (folders.prune)."""
         self.wait()
         gathered = self.comm.gather((self.error, self.records))
         problem = None
@@ -275,7 +277,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 problem = errors[0]
             else:
-                prune(self.root, keep, keep_every, protect=self.final)
+                prune(self.root, keep, keep_every, protect=self.final, unknown=unknown)
         problem = self.comm.broadcast(problem)
         if problem:
             raise JetMoEError(problem)
