@@ -237,15 +237,17 @@ def _whole_state(folder, key):
     return {n: reader.flat(s["parts"], n, 0, math.prod(s["shape"])).reshape(s["shape"]) for n, s in index.items()}
 
 
-def test_bf16_async_save_blocks_without_collectives_and_masters_move_exactly(tmp_path, cache):
+@pytest.mark.parametrize("ep", [1, 2])
+def test_bf16_async_save_blocks_without_collectives_and_masters_move_exactly(tmp_path, cache, ep):
     """bf16 at dp=2: the blocking part of an async save runs no collective (weights come from the bf16 working
-    copy every rank holds whole; the fp32 masters are written by the rank that owns them, like Adam's state).
-    The weight files are the bf16 working copy (a bf16 transformers folder), equal to the masters rounded;
-    resumed at dp=1 and saved again, masters and moments come back bit for bit."""
+    copy every rank holds whole, expert rows are gathered later in the writing thread; the fp32 masters are
+    written by the rank that owns them, like Adam's state). The weight files are the bf16 working copy (a bf16
+    transformers folder), equal to the masters rounded; resumed at dp=1 ep=1 and saved again, weights,
+    masters and moments come back bit for bit."""
     from safetensors.torch import load_file
 
     bf16 = ("train.precision=bf16", "checkpoint.keep=0")
-    run = _probe("save", tmp_path / "dp2", *bf16, cache=cache, nproc=2)
+    run = _probe("save", tmp_path / "dp2", *bf16, f"parallel.ep={ep}", cache=cache, nproc=2)
     blocking = re.findall(r"rank (\d): collectives while blocking: (.*)", run.stdout)
     assert sorted(r for r, _ in blocking) == ["0", "1"] and all(seen == "[]" for _, seen in blocking), run.stdout
     folder = _ckpt(tmp_path / "dp2", 2)

@@ -71,6 +71,22 @@ def close_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _HOST_TWINS.clear()
+
+
+_HOST_TWINS: dict[tuple[int, ...], object] = {}
+
+
+def host_twin(group):
+    """A gloo group over the same ranks as `group`, for collectives on host tensors from a background thread
+    (checkpoint writes) while training keeps using `group`. Created once, by the members only (the name is
+    hashed from the ranks, so other ranks need not call it); call it from the main thread."""
+    import torch.distributed as dist
+
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _HOST_TWINS:
+        _HOST_TWINS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _HOST_TWINS[ranks]
 
 
 def _export_slurm_task_env() -> None:

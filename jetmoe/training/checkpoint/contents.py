@@ -74,10 +74,11 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
     commit (name -> object, or a function of all ranks' file records): pass them to writer.commit().
     background: copy the tensors to host buffers now and write them in a thread (commit waits for it)."""
     if background:
-        todo = list(jobs(module, optimizer, layout, global_names, shard_bytes, copy=True))
+        gathers = []
+        todo = list(jobs(module, optimizer, layout, global_names, shard_bytes, copy=True, gathers=gathers))
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the pinned copies are complete before training touches the tensors
-        writer.write_in_background(todo)
+        writer.write_in_background(todo, first=lambda: [g.gather() for g in gathers])
     else:
         for job in jobs(module, optimizer, layout, global_names, shard_bytes):
             writer.write_tensors(*job)

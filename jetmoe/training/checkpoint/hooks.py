@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from jetmoe.data.config import resolve_user_path
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel.topology import Layout
-from jetmoe.training.checkpoint import contents, folders, store
+from jetmoe.training.checkpoint import contents, folders, rank_files, store
 from jetmoe.training.checkpoint.signals import StopSignal, report_stop
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the PipelineEngine's own step counters
@@ -64,6 +64,8 @@ class CheckpointManager:
         self.root = Path(self.comm.broadcast(str(root)))
         self.launch = self.comm.broadcast(uuid.uuid4().hex[:8])  # names this launch's staging folders
         self.verifier = None  # rank 0: the thread verifying earlier launches' checkpoints for pruning
+        if self.every:  # the expert groups' gloo twins exist before the first save's blocking part
+            rank_files.create_host_groups(module, global_names)
         self.run_dir = Path(run_dir)
         self.last_saved: int | None = None
         self.signal = StopSignal()

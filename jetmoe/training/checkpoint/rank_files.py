@@ -2,8 +2,9 @@
 
 - Weights (`model-pp00[-dp01][-part1].safetensors`): whole tensors in the working dtype, taken from the
   working copy that every dp rank of a stage holds whole. A stage's tensors are spread over its dp ranks
-  (largest first onto the least loaded rank). Experts are gathered over their ep group (the only
-  collective here), since transformers wants whole tensors.
+  (largest first onto the least loaded rank). Expert rows are gathered on their writer, since transformers
+  wants whole tensors: on the host, over a gloo twin of the ep group, in the writing thread of an async
+  save (so its blocking part is the host copy alone).
 - Adam moments (`optimizer/exp_avg-pp00[-dp01].safetensors`, ...): the flat fragments this rank's ZeRO-1
   partition holds, keyed by global name, with their place [start, start+numel) in the flattened whole
   tensor (expert rows offset by the ep rank).
@@ -51,6 +52,15 @@ def stores_masters(module, optimizer) -> bool:
     return access_for(optimizer).partitioned and weight_dtype(module) != torch.float32
 
 
+def create_host_groups(module, global_names) -> None:
+    """Create the gloo twins of this rank's expert-parallel groups now (members only; main thread)."""
+    from jetmoe.parallel.process_group import host_twin
+
+    for e in stored_entries(module, global_names):
+        if e.ep_group is not None:
+            host_twin(e.ep_group)
+
+
 def _assign(owned: list[Entry], dp: int) -> list[int]:
     """dp rank that writes each whole weight: largest first onto the least loaded rank (the same on every
     rank). Optimizer state needs no plan: ZeRO-1 partitions are already balanced and written where held."""
@@ -71,18 +81,38 @@ def _host(t: torch.Tensor, copy: bool) -> torch.Tensor:
     return t.clone() if copy else t
 
 
-def _whole_weight(entry: Entry) -> torch.Tensor:
-    """The whole working-copy tensor. Experts: rows gathered over the ep group (collective: every rank of
-    the group calls this for every expert entry, in the same order)."""
-    local = entry.param.detach()
-    if entry.ep_group is None:
-        return local
-    import torch.distributed as dist
+class ExpertWhole:
+    """An expert tensor that the rank `writer` stores whole, made of every ep rank's rows. The rows are copied
+    to the host first; `gather()` then collects them on the writer over a gloo twin of the ep group, so it
+    can run in the writing thread while training uses the device groups. Every member of the group calls
+    gather() for every such tensor in the same order. Called (in the writing thread), it returns the whole
+    tensor (store.CheckpointWriter resolves callables)."""
 
-    local = local.contiguous()
-    parts = [torch.empty_like(local) for _ in range(entry.ep_size)]
-    dist.all_gather(parts, local, group=entry.ep_group)
-    return torch.cat(parts, dim=0)
+    def __init__(self, entry: Entry, rows: torch.Tensor, writer: int) -> None:
+        from jetmoe.parallel.process_group import host_twin
+
+        self.entry, self.rows, self.writer, self.whole = entry, rows, writer, None
+        self.twin = host_twin(entry.ep_group)  # created here, in the main thread
+
+    def numel(self) -> int:
+        return self.rows.numel() * self.entry.ep_size
+
+    def element_size(self) -> int:
+        return self.rows.element_size()
+
+    def gather(self) -> None:
+        import torch.distributed as dist
+
+        mine = dist.get_rank() == self.writer
+        parts = [torch.empty_like(self.rows) for _ in range(self.entry.ep_size)] if mine else None
+        dist.gather(self.rows.contiguous(), parts, dst=self.writer, group=self.twin)
+        if mine:  # twin group rank -> the rows' place: their rank in the ep group
+            place = [dist.get_group_rank(self.entry.ep_group, dist.get_global_rank(self.twin, i))
+                     for i in range(len(parts))]
+            self.whole = torch.cat([parts[place.index(r)] for r in range(len(parts))], dim=0)
+
+    def __call__(self) -> torch.Tensor:
+        return self.whole
 
 
 def _sharded(items, stem: str, shard_bytes: int):
@@ -102,20 +132,38 @@ def _sharded(items, stem: str, shard_bytes: int):
 
 
 def jobs(module, optimizer, layout: Layout, global_names=None, shard_bytes: int = SHARD_BYTES,
-         copy: bool = False) -> Iterator[tuple]:
+         copy: bool = False, gathers: list | None = None) -> Iterator[tuple]:
     """This rank's files as (name, tensors, metadata, parts), tensors on the host. Every rank of a stage
-    iterates it to the end (the ep gathers of expert weights are collectives)."""
+    iterates it to the end. Expert weights: with `gathers` (a list), their ExpertWhole gathers are appended
+    there for the writing thread to run before it writes (the tensors are then callables); without, they
+    run here (collectives over the ep group's gloo twin)."""
     access = access_for(optimizer)
     owned = stored_entries(module, global_names)
     owner = _assign(owned, layout.dp)
     tag = f"pp{layout.stage:02d}" + (f"-dp{layout.dp_rank:02d}" if layout.dp > 1 else "")
 
     def weights():
+        import torch.distributed as dist
+
         for e, rank in zip(owned, owner):
-            if e.ep_group is not None or rank == layout.dp_rank:
-                whole = _whole_weight(e)
+            if e.ep_group is None:
                 if rank == layout.dp_rank:
-                    yield e.name, _host(whole, copy), None
+                    yield e.name, _host(e.param, copy), None
+                continue
+            writer = layout.stage * layout.dp + rank  # global rank (pipeline-major, as DeepSpeed numbers them)
+            if writer not in dist.get_process_group_ranks(e.ep_group):
+                continue  # another replica of these experts' rows writes them
+            whole = ExpertWhole(e, _host(e.param, True), writer)
+            if gathers is None:
+                if e.param.is_cuda:
+                    torch.cuda.synchronize()  # the host copy is complete before gloo reads it
+                whole.gather()
+                if whole.whole is not None:
+                    yield e.name, whole.whole, None
+            else:
+                gathers.append(whole)
+                if writer == layout.rank:
+                    yield e.name, whole, None
 
     for name, tensors, _, _ in _sharded(weights(), f"model-{tag}", shard_bytes):
         yield name, tensors, {"format": "pt"}, None

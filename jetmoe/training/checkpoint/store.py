@@ -190,7 +190,7 @@ class CheckpointWriter:
         from safetensors.torch import save
 
         started = time.perf_counter()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        tensors = {k: (v() if callable(v) else v).detach().contiguous().cpu() for k, v in tensors.items()}
         data = save(tensors, metadata=metadata)
         self._write(name, data, sorted(tensors), parts)
         self.write_s += time.perf_counter() - started
@@ -213,11 +213,14 @@ class CheckpointWriter:
         return sum(r.size for r in self.records)
 
     # -- asynchronous writes: the files' tensors are already host copies; a thread writes them
-    def write_in_background(self, jobs: list[tuple]) -> None:
-        """jobs: (name, tensors, metadata, parts) as for write_tensors. `commit` waits for them."""
+    def write_in_background(self, jobs: list[tuple], first=None) -> None:
+        """jobs: (name, tensors, metadata, parts) as for write_tensors; first: run before them in the same
+        thread (e.g. host collectives that complete the tensors). `commit` waits for them."""
 
         def run():
             try:
+                if first is not None:
+                    first()
                 for job in jobs:
                     self.write_tensors(*job)
             except BaseException as e:  # noqa: BLE001 (carried to commit, which raises it on every rank)
