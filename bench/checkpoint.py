@@ -57,6 +57,7 @@ def timed(fn):
 def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
+    from jetmoe.parallel.process_group import close_process_group
     from jetmoe.training.checkpoint import contents, store
     from jetmoe.training.cli import CONFIG_DIR, register
     from jetmoe.training.trainer import Trainer
@@ -125,6 +126,8 @@ def main(argv: list[str]) -> None:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+    trainer.close()
+    close_process_group()  # every group, the gloo twins included, before interpreter exit
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 
 from torch.profiler import ProfilerActivity, profile
 
+from jetmoe.parallel.process_group import close_process_group
+
 from trainer_setup import trainer_from_args  # this folder is on the path of a script run from it
 
 
@@ -35,6 +37,7 @@ def main() -> None:
             trainer.checkpoint.save(trainer.state.step)
     finally:
         trainer.close()
+    close_process_group()
 
 
 if __name__ == "__main__":
