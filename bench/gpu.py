@@ -17,7 +17,8 @@ Sections (each one's result or error goes into the JSON; one failing section doe
   dispatcher      an MoE layer's forward+backward twice: gradients bitwise equal
   compile         eager against train.compile's compiled block (same weights): ms, compile time, no new frames for
                   other expert counts; the last stage's head + loss, full logits against the chunked loss
-  train           20 steps of train/pretrain.py with a 4-block JetMoE-8B-shaped model: the loss falls, MFU logged
+  train           20 steps of train/pretrain.py with a 4-block JetMoE-8B-shaped model: the loss falls, MFU logged;
+                  an async checkpoint at the end (seconds the loop blocked, total), then a launch resuming from it
 FLOPs follow jetmoe.plan.throughput (causal attention counted as half, Megatron's convention).
 """
 
@@ -218,22 +219,50 @@ def section_train(env: Env, timeout_s: float) -> dict:
     else:
         model = ["model=jetmoe_8b", "model.num_hidden_layers=4", "data.seq_len=4096", "train.global_batch_size=4",
                  "train.micro_batch_size=1", "train.lr=1e-3", "cluster.gpu=" + ("h200" if "H200" in env.gpu_name else "h100")]
-    cmd = [sys.executable, str(ROOT / "train/pretrain.py"), *common, *model]
+    steps = int(common[0].split("=")[1])
+    # one asynchronous checkpoint at the last step (bf16 weights, fp32 masters and Adam state from the GPU via
+    # pinned buffers), then a second launch resumes from it for one step
+    saving = [f"checkpoint.every={steps}", "checkpoint.async=true", "checkpoint.keep=1"]
+    cmd = [sys.executable, str(ROOT / "train/pretrain.py"), *common, *model, *saving]
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     t0 = time.perf_counter()
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=environ)
+        if run.returncode == 0:
+            again = [*cmd[:2], *common[1:], f"train.max_steps={steps + 1}", *model, "checkpoint.every=0"]
+            resumed = subprocess.run(again, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=environ)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s", "command": " ".join(cmd)}
     if run.returncode:
         return {"error": (run.stdout + run.stderr)[-3000:], "command": " ".join(cmd)}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["step"] <= steps]  # without the resumed launch's step
     first, last = rows[0]["lm_loss"], rows[-1]["lm_loss"]
     mfus = [r["mfu"] for r in rows[len(rows) // 2:] if r.get("mfu") is not None]
-    return {"steps": len(rows), "first_lm_loss": first, "last_lm_loss": last, "loss_fell": last < first,
-            "mfu_second_half": statistics.median(mfus) if mfus else None,
-            "tokens_per_sec_last": rows[-1]["tokens_per_sec"], "wall_s": time.perf_counter() - t0,
-            "command": " ".join(cmd)}
+    out = {"steps": len(rows), "first_lm_loss": first, "last_lm_loss": last, "loss_fell": last < first,
+           "mfu_second_half": statistics.median(mfus) if mfus else None,
+           "tokens_per_sec_last": rows[-1]["tokens_per_sec"], "wall_s": time.perf_counter() - t0,
+           "command": " ".join(cmd)}
+    return {**out, **_checkpoint_numbers(run.stdout, resumed)}
+
+
+def _checkpoint_numbers(saving_log: str, resumed: subprocess.CompletedProcess) -> dict:
+    """What the trainer's checkpoint lines say: the async save's blocking and total seconds, its size, and the
+    resume's load time and bytes read against the rank's share."""
+    import re
+
+    out = {}
+    if m := re.search(r"copied to host in ([\d.]+)s", saving_log):
+        out["checkpoint_blocking_s"] = float(m.group(1))
+    if m := re.search(r"saved step \d+ to \S+ \(([\d.]+) MiB, ([\d.]+)s", saving_log):
+        out["checkpoint_mib"], out["checkpoint_save_total_s"] = float(m.group(1)), float(m.group(2))
+    if resumed.returncode:
+        out["resume_error"] = (resumed.stdout + resumed.stderr)[-3000:]
+    elif m := re.search(r"resumed from \S+ at step \d+.*?\(([\d.]+)s, verify=\w+\).*?\(([\d.]+)x\)", resumed.stdout):
+        out["resume_load_s"], out["resume_bytes_read_over_share"] = float(m.group(1)), float(m.group(2))
+    else:
+        out["resume_error"] = "no 'resumed from' line: " + resumed.stdout[-1000:]
+    return out
 
 
 def main() -> int:

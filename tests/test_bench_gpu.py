@@ -30,3 +30,4 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     for mode in result["dispatcher"].values():
         assert mode["moe_layer_bitwise_equal"] and mode["block_bitwise_equal"], mode
     assert result["train"]["loss_fell"]
+    assert "resume_error" not in result["train"] and result["train"]["checkpoint_blocking_s"] >= 0, result["train"]

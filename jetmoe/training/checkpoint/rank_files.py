@@ -73,11 +73,15 @@ def _assign(owned: list[Entry], dp: int) -> list[int]:
 
 
 def _host(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    """A host tensor that training cannot change underneath a background writer."""
+    """A host tensor. copy (async saves): one that training cannot change underneath the writing thread;
+    from a GPU, a pinned buffer filled asynchronously (the caller synchronises once for all copies).
+    Otherwise (synchronous saves, written at once): the tensor itself on CPU, a blocking copy from a GPU."""
     t = t.detach()
     if t.is_cuda:
+        if not copy:
+            return t.cpu()
         buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return buf.copy_(t, non_blocking=True)  # the caller synchronises once for all copies
+        return buf.copy_(t, non_blocking=True)
     return t.clone() if copy else t
 
 
