@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def compile_enabled(mode, cuda: bool) -> bool:
-    """`train.compile`: auto (on with CUDA; off on CPU, where bench/model_cpu.py measured no gain worth the
-    compile time), true, false."""
+    """`train.compile`: auto (on with CUDA; off on CPU, where bench/model_cpu.py measured 4-5% per step, not
+    worth 10-20 s of compiling in the short runs a CPU does), true, false."""
     mode = {True: "true", False: "false"}.get(mode, str(mode).lower())
     if mode not in MODES:
         raise JetMoEError(f"train.compile={mode!r} is unknown; use auto, true or false")
