@@ -153,7 +153,7 @@ def section_profile(env: Env) -> dict:
 
 
 def section_compile(env: Env, enabled: bool) -> dict:
-    """Eager against train.compile's regional compile (jetmoe.parallel.compile) of one block, forward+backward,
+    """Eager against train.compile's compiled block (jetmoe.parallel.compile: one graph per block), forward+backward,
     on the same weights and input; then two inputs whose expert counts differ must compile nothing new. Also
     the last stage's head + loss: full fp32 logits against the chunked loss (peak memory and time)."""
     if not enabled:

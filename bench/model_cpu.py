@@ -41,6 +41,7 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--head", default="2048,32000,4096", help="hidden,vocab,tokens of the head memory check ('' skips)")
+    p.add_argument("--profile", action="store_true", help="also profile one step of each: ms per kind of op")
     return p.parse_args()
 
 
@@ -151,6 +152,26 @@ def head_memory(hidden_size: int, vocab: int, tokens: int, device, dtype) -> dic
     return out
 
 
+# Where a step's time goes (torch.profiler self times, by op name): what compiling can and cannot shorten.
+PROFILE_KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+                 ("attention", ("scaled_dot_product",)),
+                 ("cross-entropy", ("log_softmax", "nll_loss")),
+                 ("compiled kernels", ("cpp_fused", "graph_", "triton_", "CompiledFxGraph")))
+
+
+def profile_kinds(model, ids) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(model, ids)
+    out = {kind: 0.0 for kind, _ in PROFILE_KINDS}
+    out["other"] = 0.0
+    for event in prof.key_averages():
+        kind = next((k for k, keys in PROFILE_KINDS if any(key in event.key for key in keys)), "other")
+        out[kind] += event.self_cpu_time_total / 1e3
+    return out
+
+
 def train_step(model, ids):
     model.zero_grad(set_to_none=True)
     model(ids, labels=ids).loss.backward()
@@ -231,6 +252,11 @@ def main():
         head = head_memory(d, v, n, args.device, dtype)
         print(f"last stage head + loss at hidden {d}, vocab {v}, {n} tokens: " + ", ".join(
             f"{name} peak {mib:.0f} MiB ({sec:.1f} s, loss {loss:.6f})" for name, (mib, sec, loss) in head.items()))
+    if args.profile:
+        for name, model in models.items():
+            kinds = profile_kinds(model, ids)
+            print(f"profile {name:>13}: " + ", ".join(f"{k} {ms:.0f} ms" for k, ms in kinds.items())
+                  + f" (total {sum(kinds.values()):.0f} ms)")
     med = {name: statistics.median(times[name]) for name in models}
     if on_cpu:
         cpu = {name: statistics.median(cpu_times[name]) for name in models}

@@ -52,6 +52,12 @@ class JetMoEBlock(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device)
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
+        return self.layers_forward(hidden, cos, sin, mask)
+
+    def layers_forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask
+                       ) -> tuple[torch.Tensor, tuple[RouterLoss, RouterLoss]]:
+        """The block's layers, given the rotary angles and the attention mask: what train.compile compiles (the
+        angles come in as inputs; traced inside, Inductor would recompute pow/sin/cos for every element)."""
         attended, attention_loss = self.self_attention(self.input_layernorm(hidden), cos, sin, mask)
         hidden = hidden + attended
         mixed, mlp_loss = self.mlp(self.post_attention_layernorm(hidden))

@@ -1,8 +1,8 @@
 """Regional torch.compile of the transformer blocks (`train.compile`), applied from outside the model.
 
-Each JetMoEBlock's regions (its norms, MoA and MoE) are compiled in place (parameter names unchanged). Every
-block runs the same code, so Dynamo's cache on that code serves them all: one compilation, whatever the number
-of blocks or stages.
+Each JetMoEBlock's layers (its norms, MoA and MoE: `layers_forward`) are one graph, compiled in place (parameter
+names unchanged). Every block runs the same code, so Dynamo's cache on that code serves them all: one
+compilation, whatever the number of blocks or stages.
 Activation recompute wraps the compiled forward (compile first, then `apply_activation_checkpointing`).
 
 Nothing whose size depends on routing enters a graph, so steps whose expert counts differ reuse the same
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def compile_enabled(mode, cuda: bool) -> bool:
-    """`train.compile`: auto (on with CUDA; off on CPU, where bench/model_cpu.py measured no gain worth the
-    compile time), true, false."""
+    """`train.compile`: auto (on with CUDA; off on CPU, where bench/model_cpu.py measured 4-5% per step, not
+    worth 10-20 s of compiling in the short runs a CPU does), true, false."""
     mode = {True: "true", False: "false"}.get(mode, str(mode).lower())
     if mode not in MODES:
         raise JetMoEError(f"train.compile={mode!r} is unknown; use auto, true or false")
@@ -51,22 +51,15 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-# The regions of a block that are compiled, each on its own. Not the whole block: torch 2.13's Inductor CPU
-# code for a graph holding MoA, MoE and the router losses they return zeroes the MoA gates' gradient (found
-# by tests/test_compile.py; aot_eager is right, and so is max_fusion_size=1). Each region alone is right.
-REGIONS = ("input_layernorm", "self_attention", "post_attention_layernorm", "mlp")
-
-
 def compile_blocks(blocks: Iterable[nn.Module]) -> int:
-    """Compile each block's regions in place (forward methods; names unchanged); returns how many blocks.
-    Call before activation checkpointing, which then recomputes the compiled regions."""
+    """Compile each block's layers (`JetMoEBlock.layers_forward`: norms, MoA, MoE; one graph per block) in place;
+    returns how many blocks. The rotary angles and the attention mask are computed outside, in eager, and come in
+    as inputs. Call before activation checkpointing, which then recomputes the compiled block."""
     n = 0
     for block in blocks:
-        for name in REGIONS:
-            region = getattr(block, name)
-            if not getattr(region.forward, "_jetmoe_compiled", False):
-                region.forward = torch.compile(region.forward)
-                region.forward._jetmoe_compiled = True
+        if not getattr(block.layers_forward, "_jetmoe_compiled", False):
+            block.layers_forward = torch.compile(block.layers_forward)
+            block.layers_forward._jetmoe_compiled = True
         n += 1
     return n
 
