@@ -227,7 +227,10 @@ def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
                 continue
             trash = root / f".{folder.name}.pruned"  # renamed first: a kill mid-delete leaves no half checkpoint
             shutil.rmtree(trash, ignore_errors=True)
-            os.replace(folder, trash)
+            try:
+                os.replace(folder, trash)
+            except OSError:  # kept rather than failing the commit (other ranks wait on it)
+                continue
             shutil.rmtree(trash, ignore_errors=True)
             _KNOWN.pop(key, None)
             removed.append(folder)
