@@ -106,7 +106,9 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(tmp_path):
     rank checkpoint and stop; the script requeues the job, which restarts under the same id, resumes
     from that checkpoint in the same run directory and runs to the last step."""
     require_slurm()
-    max_steps = 6
+    # enough steps (~0.15 s each here) that the signal, forwarded by Slurm, sbatch, srun and torchrun.sh,
+    # lands before the last one: a run that already finished is not requeued (launch/reached_max_steps.py)
+    max_steps = 80
     sbatch = submit(tmp_path, f"train.max_steps={max_steps}", wait=False)
     job = job_id(sbatch)
     sbatch.wait(timeout=30)
