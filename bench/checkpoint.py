@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,10 +34,21 @@ CONFIG = ["model.hidden_size=768", "model.num_hidden_layers=12", "model.intermed
           "logging.console=false", "logging.router_every=0", "checkpoint.every=0"]
 
 
+def gather_whole(entry, access, key):
+    """The whole fp32 tensor (all experts) on every rank of the entry's groups, as the previous writer
+    gathered it (DeepSpeed's safe_get_full_* over dp, then the expert rows over ep). Collective."""
+    local = access.get(entry.param, key).contiguous()
+    if entry.ep_group is None:
+        return local
+    parts = [torch.empty_like(local) for _ in range(entry.ep_size)]
+    dist.all_gather(parts, local, group=entry.ep_group)
+    return torch.cat(parts, dim=0)
+
+
 def previous_writer(writer, module, optimizer, layout, global_names):
     """What the writer did before: gather whole tensors (weights and moments) to dp rank 0, which writes."""
     from jetmoe.training.checkpoint.rank_files import name_fn
-    from jetmoe.training.checkpoint.tensors import OPTIMIZER_KEYS, access_for, entries, gather_whole
+    from jetmoe.training.checkpoint.tensors import OPTIMIZER_KEYS, access_for, entries
 
     access = access_for(optimizer)
     owned = [e for e in entries(module, name_fn(global_names)) if not getattr(e.param, "ds_pipe_replicated", False)]

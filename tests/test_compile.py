@@ -2,8 +2,6 @@
 pp=1 and at pp=3 x ep=2, and Dynamo compiles nothing after step 2 although the expert counts change every step."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import copy
@@ -11,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from helpers.launch_util import free_port
+from helpers.launch_util import E2E_LOSSES as LOSSES, E2E_STEPS as STEPS, run_driver
 
 from jetmoe.errors import JetMoEError
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, set_document_mask
@@ -19,25 +17,14 @@ from jetmoe.parallel.compile import compile_blocks, compile_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "helpers" / "compile_e2e.py"
-STEPS = 3
-OVERRIDES = [
-    f"train.max_steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=1", "train.eval_every=0",
-    "train.seed=3", "data.seq_len=16", "model.hidden_size=32", "model.num_hidden_layers=3",
-    "model.num_key_value_heads=2", "model.kv_channels=8", "model.intermediate_size=32", "train.precision=fp32",
-    "logging.wandb.mode=disabled", "logging.progress_bar=false", "logging.router_every=1",
-]
-LOSSES = ("lm_loss", "aux_loss", "balance_loss", "z_loss")
 
 
 def _train(tmp_path, world, overrides):
     out = tmp_path / "_".join(o.replace("=", "").replace(".", "") for o in overrides)
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), JETMOE_CACHE_DIR=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={free_port()}", str(DRIVER), str(out), *OVERRIDES, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out / "result.pt"), proc.stdout + proc.stderr
+    log = run_driver(DRIVER, out, world, ["train.precision=fp32", *overrides], env, timeout=600)
+    return torch.load(out / "result.pt"), log
 
 
 @pytest.mark.slow

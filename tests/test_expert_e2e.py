@@ -3,35 +3,21 @@ and pp=3 ep=2 (6 ranks) give the same per-step losses, the same logged per-layer
 same parameters as one process with the same global batch, micro-batch and seed."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers.launch_util import free_port
+from helpers.launch_util import E2E_LOSSES as LOSSES, E2E_STEPS as STEPS, run_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "helpers" / "expert_e2e.py"
-STEPS = 3
-OVERRIDES = [
-    f"train.max_steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=1", "train.eval_every=0",
-    "train.seed=3", "data.seq_len=16", "model.hidden_size=32", "model.num_hidden_layers=3",
-    "model.num_key_value_heads=2", "model.kv_channels=8", "model.intermediate_size=32",
-    "logging.wandb.mode=disabled", "logging.progress_bar=false", "logging.router_every=1",
-]
-LOSSES = ("lm_loss", "aux_loss", "balance_loss", "z_loss")
 
 
 def _train(tmp_path, world, overrides=()):
     out = tmp_path / f"world{world}_{'_'.join(o.replace('=', '') for o in overrides)}"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={free_port()}", str(DRIVER), str(out), *OVERRIDES, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_driver(DRIVER, out, world, overrides, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=400)
     results = [torch.load(out / f"rank{r}.pt") for r in range(world)]
     rows = results[0]["rows"]
     params = [pair for r in results for pair in r["params"]]

@@ -1,4 +1,4 @@
-"""Committed checkpoint folders: find the newest intact one, verify against the manifest, prune, read.
+"""Committed checkpoint folders: find the newest intact one, verify against the manifest, prune.
 
 A folder counts only once its manifest exists (store.CheckpointWriter writes it last); `latest` names the
 newest committed folder but is only a hint: a missing, unreadable or garbled pointer falls back to a scan.
@@ -16,7 +16,6 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 from jetmoe.errors import JetMoEError
 
@@ -252,40 +251,3 @@ def set_aside(folder: str | Path) -> Path:
         target = folder.with_name(f"{folder.name}.damaged-{n}")
     folder.rename(target)
     return target
-
-
-# ------------------------------------------------------------------------------------------- reading
-class CheckpointReader:
-    """Lazy access to a committed checkpoint's tensors and JSON files."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
-        self.step = int(self.manifest["step"])
-        self._handles: dict[str, Any] = {}
-
-    def json(self, name: str) -> Any:
-        return json.loads((self.folder / name).read_text())
-
-    def has(self, name: str) -> bool:
-        return name in self.manifest["files"]
-
-    def _open(self, file: str):
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt")
-        return self._handles[file]
-
-    def tensor(self, file: str, key: str, rows: slice | None = None):
-        """A tensor, or only rows [start:stop] of its first dim (an expert shard) without reading the rest."""
-        handle = self._open(file)
-        if rows is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[rows.start : rows.stop]
-
-    def shape(self, file: str, key: str) -> list[int]:
-        return self._open(file).get_slice(key).get_shape()
-
-    def close(self) -> None:
-        self._handles.clear()

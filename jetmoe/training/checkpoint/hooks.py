@@ -29,6 +29,7 @@ from jetmoe.data.config import resolve_user_path
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel.topology import Layout
 from jetmoe.training.checkpoint import contents, folders, rank_files, store
+from jetmoe.training.checkpoint.parts import PartReader
 from jetmoe.training.checkpoint.signals import StopSignal, report_stop
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the PipelineEngine's own step counters
@@ -159,7 +160,7 @@ class CheckpointManager:
         choice = str(self.cfg.checkpoint.get("data_changed", "stop"))
         if choice not in ("stop", "continue"):
             raise JetMoEError(f"checkpoint.data_changed={choice!r} is unknown; use stop or continue")
-        saved = (folders.CheckpointReader(found).json(contents.TRAINER_STATE).get("extra") or {}).get("data_fingerprint")
+        saved = (PartReader(found, "size").json(contents.TRAINER_STATE).get("extra") or {}).get("data_fingerprint")
         now = self.data_fingerprint
         if saved is None or now is None or saved.get("id") == now.get("id"):
             return True

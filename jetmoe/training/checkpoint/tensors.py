@@ -232,19 +232,7 @@ def set_optimizer_step(access: TorchAccess, step: int) -> None:
                 state["step"] = step
 
 
-# --------------------------------------------------------------------------------- gather and scatter
-def gather_whole(entry: Entry, access: TorchAccess, key: str | None) -> torch.Tensor:
-    """The whole fp32 tensor (all experts) on every rank of the entry's groups. Collective."""
-    local = access.get(entry.param, key).contiguous()
-    if entry.ep_group is None:
-        return local
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(local) for _ in range(entry.ep_size)]
-    dist.all_gather(parts, local, group=entry.ep_group)
-    return torch.cat(parts, dim=0)
-
-
+# ------------------------------------------------------------------------------------------- expert rows
 def local_rows(entry: Entry, whole_rows: int) -> slice | None:
     """Rows of the whole tensor this rank holds (None: all of it)."""
     if entry.ep_group is None:
