@@ -78,3 +78,34 @@ def test_compile_modes():
     assert not compile_enabled("false", cuda=True)
     with pytest.raises(JetMoEError, match="train.compile"):
         compile_enabled("yes", cuda=True)
+
+
+def test_flex_attention_compiles_inside_the_block_graph(monkeypatch):
+    """data.document_mask=true with train.compile: FlexAttention's block mask goes into each compiled block, which
+    stays one graph with no break (nothing inside it compiles again or changes module state). On CPU FlexAttention
+    runs its forward only, so the check is an evaluation forward; the logits equal eager's dense-mask logits."""
+    import torch._dynamo
+
+    from jetmoe.model import masking
+    from jetmoe.parallel.compile import compile_stats
+
+    monkeypatch.setattr(masking, "use_flex", True)
+    config = JetMoEConfig.preset("jetmoe_tiny", hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                 kv_channels=8, intermediate_size=32, vocab_size=128)
+    torch.manual_seed(0)
+    eager = JetMoEForCausalLM(config).eval()
+    set_document_mask(eager, "on")
+    compiled = copy.deepcopy(eager)
+    ids = torch.randint(0, config.vocab_size, (2, 32))
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).expand(2, -1)
+    torch._dynamo.reset()
+    before = compile_stats()
+    compile_blocks(compiled.model.layers)
+    with torch.no_grad():
+        assert isinstance(masking.attention_mask(pos, "on"), masking.FlexMask)
+        got = compiled(ids, position_ids=pos).logits
+        monkeypatch.setattr(masking, "use_flex", False)
+        want = eager(ids, position_ids=pos).logits
+    after = compile_stats()
+    assert after["graphs"] - before["graphs"] == 1 and after["graph_breaks"] == before["graph_breaks"], (before, after)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

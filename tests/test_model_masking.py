@@ -21,7 +21,6 @@ def _positions():
 @pytest.fixture
 def flex_on_cpu(monkeypatch):
     monkeypatch.setattr(masking, "use_flex", True)
-    monkeypatch.setattr(masking, "_last", None)
 
 
 def test_dense_mask_keeps_documents_apart_and_causal():

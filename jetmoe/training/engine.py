@@ -16,7 +16,7 @@ from jetmoe.parallel import expert
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
-from jetmoe.data.config import resolve_user_path
+from jetmoe.paths import resolve_user_path
 from jetmoe.training.config import precision, use_cuda
 from jetmoe.training.optimizer import build_optimizer, param_groups
 
@@ -74,7 +74,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def compile_on(cfg: DictConfig) -> bool:
     """train.compile resolved; when on, Inductor's cache goes under the data cache directory."""
-    from jetmoe.data.config import resolve_cache_dir
+    from jetmoe.paths import resolve_cache_dir
     from jetmoe.parallel.compile import compile_enabled, use_cache_dir
 
     on = compile_enabled(cfg.train.compile, use_cuda(cfg))

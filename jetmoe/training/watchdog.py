@@ -21,7 +21,10 @@ import time
 import traceback
 from typing import Callable
 
+from jetmoe.log import EVERY_RANK, get_logger
 from jetmoe.training import failures
+
+logger = get_logger(__name__)
 
 
 class Watchdog:
@@ -96,5 +99,5 @@ class Watchdog:
 
 
 def _leave(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logger.error(message, extra=EVERY_RANK)
     failures._exit(1)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from jetmoe.data.config import resolve_user_path
+from jetmoe.paths import resolve_user_path
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel.topology import Layout
 from jetmoe.training.checkpoint import contents, folders, rank_files, store
