@@ -19,9 +19,9 @@ if str(ROOT) not in sys.path:
 from jetmoe.model import JetMoEBlock, JetMoEConfig, MoE, init_like_transformers  # noqa: E402
 from jetmoe.model import masking, set_document_mask  # noqa: E402
 from jetmoe.model.experts import grouped_linear  # noqa: E402
+from jetmoe.plan.hardware import device_peak_tflops  # noqa: E402
 from jetmoe.plan.params import ModelShape, block_params  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, num_key_value_heads=4, kv_channels=16, intermediate_size=128,
                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
 
@@ -36,7 +36,7 @@ class Env:
         self.config = (JetMoEConfig.preset("jetmoe_8b", num_hidden_layers=1) if not smoke
                        else JetMoEConfig(num_hidden_layers=1, **SMOKE_MODEL))
         name = self.gpu_name = torch.cuda.get_device_name() if self.cuda else "cpu"
-        self.peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        self.peak = device_peak_tflops(name)
 
     def sync(self):
         if self.cuda:

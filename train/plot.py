@@ -71,13 +71,14 @@ def plot_expert_load(rows, out: Path) -> Path | None:
     if last is None:
         return None
     router = last["router"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, kind, title in zip(axes, ("moa", "moe"), ("attention experts (MoA)", "MLP experts (MoE)")):
+    kinds = [key.removeprefix("share_") for key in router if key.startswith("share_")]  # the rows name the routers
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
         share = router[f"share_{kind}"]
         image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
-        ax.set_title(title)
+        ax.set_title(f"{kind.upper()} experts")
         fig.colorbar(image, ax=ax, label="share of routed tokens")
     fig.suptitle(f"expert load at step {last['step']}")
     return _save(fig, out / "expert_load.png")

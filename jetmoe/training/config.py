@@ -153,8 +153,9 @@ class LoggingSection:
 @dataclass
 class ClusterSection:
     gpus: int = 1
-    gpu: str = "h100"  # h100 | a100 | h200 (peak tables in jetmoe.training.metrics)
-    peak_tflops: Optional[float] = None  # per device; None = table by gpu (CPU runs report no MFU)
+    gpu: str = "h100"  # the planner's part: h100 | h100_pcie | h100_nvl | h200 | a100 (jetmoe.plan.hardware)
+    peak_tflops: Optional[float] = None  # per device; None = the table's entry for the part (training: the device
+    #                                      it runs on, by exact name; CPU runs and unknown parts report no MFU)
     mfu: float = 0.35  # planner's assumption
     gpu_memory_gib: Optional[float] = None  # None = table by gpu
     gpus_per_node: int = 8

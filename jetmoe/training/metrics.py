@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from jetmoe.plan.hardware import device_peak_tflops
 from jetmoe.plan.params import ModelShape, count_params
 from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
 from jetmoe.training import wandb_run
@@ -25,7 +26,6 @@ from jetmoe.training.tensorboard_log import TensorBoardLogger
 from jetmoe.training.wandb_run import start_wandb
 
 SAMPLES_FILE = "samples.jsonl"
-PEAK_TFLOPS_BF16 = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
 # Every row of metrics.jsonl carries at least these: the run directory's contract (README, 'Run directory').
 REQUIRED_KEYS = ("step", "lm_loss", "aux_loss", "balance_loss", "z_loss", "loss", "lr", "grad_norm", "tokens",
@@ -39,12 +39,14 @@ def flops_per_token(config, seq_len: int) -> float:
     return float(dense + attention)
 
 
-def peak_tflops(cfg: DictConfig, cuda: bool, bf16: bool) -> float | None:
-    if cfg.cluster.peak_tflops:
-        return float(cfg.cluster.peak_tflops)
+def peak_tflops(configured: float | None, cuda: bool, bf16: bool) -> float | None:
+    """Per-device peak for MFU: cluster.peak_tflops when set, else the table's entry for this device's exact name
+    (jetmoe.plan.hardware); None on a CPU or an unknown part (no MFU then)."""
+    if configured:
+        return float(configured)
     if not cuda:
-        return None  # no meaningful peak for a CPU
-    peak = PEAK_TFLOPS_BF16.get(str(cfg.cluster.gpu).lower())
+        return None
+    peak = device_peak_tflops(torch.cuda.get_device_name())
     if peak is None:
         return None
     return peak if bf16 else peak / 2  # dense tf32 is about half of bf16 on these parts

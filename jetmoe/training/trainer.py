@@ -94,7 +94,7 @@ class Trainer:
                                              self.layout.dp_rank, self.layout.dp)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_step = flops_per_token(mc, cfg.data.seq_len) * self.tokens_per_step
-        self.peak = peak_tflops(cfg, self.cuda, precision(cfg) == "bf16")
+        self.peak = peak_tflops(cfg.cluster.peak_tflops, self.cuda, precision(cfg) == "bf16")
         self.metrics = MetricsLogger(self.run_dir, cfg, self.is_rank0, cfg.train.max_steps)
         self.metrics.print(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                            f"| micro-batches per step {self.parts.grad_accumulation} | precision {precision(cfg)} "
