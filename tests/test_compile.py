@@ -14,6 +14,7 @@ from helpers.launch_util import E2E_LOSSES as LOSSES, E2E_STEPS as STEPS, run_dr
 from jetmoe.errors import JetMoEError
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, set_document_mask
 from jetmoe.parallel.compile import compile_blocks, compile_enabled
+from jetmoe.training.config import TrainSection
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "helpers" / "compile_e2e.py"
@@ -50,6 +51,7 @@ def test_compiled_training_matches_eager(tmp_path, world, layout):
     assert any((tmp_path / "cache" / "inductor").iterdir())  # Inductor's cache under the data cache
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_eager_gradients():
     """In one process: the objective and every parameter's gradient through the compiled blocks (one graph each,
     MoA and MoE and their router losses) equal eager's, over steps whose routing differs."""
@@ -77,9 +79,10 @@ def test_compile_modes():
     assert compile_enabled("true", cuda=False) and compile_enabled(True, cuda=False)
     assert not compile_enabled("false", cuda=True)
     with pytest.raises(JetMoEError, match="train.compile"):
-        compile_enabled("yes", cuda=True)
+        TrainSection(compile="yes").check()
 
 
+@pytest.mark.slow
 def test_flex_attention_compiles_inside_the_block_graph(monkeypatch):
     """data.document_mask=true with train.compile: FlexAttention's block mask goes into each compiled block, which
     stays one graph with no break (nothing inside it compiles again or changes module state). On CPU FlexAttention

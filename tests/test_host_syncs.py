@@ -8,7 +8,9 @@ import torch.distributed as dist
 from helpers.expert_spawn import spawn
 from jetmoe.diagnostics import count_host_syncs
 from jetmoe.model import JetMoEBlock, JetMoEForCausalLM, block_inputs, init_like_transformers
-from helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block(hidden, seed=0):
@@ -43,8 +45,9 @@ def test_auto_mask_mode_checks_position_ids_once_per_forward():
     assert sum(_syncs(block, torch.randn(2, 12, 32, requires_grad=True), None).values()) == 0
     torch.manual_seed(0)
     model = JetMoEForCausalLM(tiny_config(hidden_size=32, num_hidden_layers=3))  # one check for all three blocks
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with count_host_syncs() as counts:
-        model(torch.randint(0, model.config.vocab_size, (2, 12)), position_ids=_packed_positions()).logits.sum().backward()
+        model(ids, position_ids=_packed_positions()).logits.sum().backward()
     assert dict(counts) == {"_local_scalar_dense": 1}
 
 
