@@ -113,11 +113,11 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
         partition = list(partition)
     torch.manual_seed(cfg.train.seed)
     compiled = compile_on(cfg)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda(cfg) else torch.device("cpu")
+    dtype = torch.bfloat16 if precision(cfg) == "bf16" else torch.float32
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, cfg.train.seed,
                             grad_scale=1.0 / gas, on_router_loss=on_router_loss,
-                            document_mask=bool(cfg.data.document_mask), compile=compiled)
-    if precision(cfg) == "bf16":
-        module.to(torch.bfloat16)
+                            document_mask=bool(cfg.data.document_mask), compile=compiled, device=device, dtype=dtype)
     initialize = deepspeed.initialize
     if layout.ep > 1:
         # After the full expert weights are initialised (so every layout starts from the same weights) and

@@ -68,6 +68,8 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg = self.cfg
         check_values(cfg)  # also when the entry point's up-front check was skipped (Hydra flags such as -m)
+        # First of all: cuBLAS reads its workspace setting when it initialises, before any CUDA work of ours.
+        set_deterministic(cfg.train.deterministic)
         self.cuda = use_cuda(cfg)
         self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))
         self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
@@ -85,7 +87,6 @@ class Trainer:
         # Data before the engine: a bad path or tokenizer fails within seconds.
         self.data = self._build_data()
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
-        set_deterministic(cfg.train.deterministic)  # before the engine exists (cuBLAS reads it at start-up)
         start_deepspeed_comm(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(cfg, mc, self.layout, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
