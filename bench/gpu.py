@@ -179,8 +179,8 @@ def main() -> int:
     compile_on = args.compile == "on" or (args.compile == "auto" and env.cuda)
     sections = {
         "versions": lambda out, d: section_versions(env, out),
-        "memory": lambda out, d: section_memory(env, out),
-        "train": lambda out, d: section_train(env, out, d, cache_dir, compile_on),
+        "memory": lambda out, d: section_memory(env, out, cache_dir),
+        "train": lambda out, d: section_train(env, out, d, cache_dir, compile_on, check.result),
         "stack": lambda out, d: section_stack(env, out),
         "grouped_gemm": lambda out, d: section_grouped_gemm(env, out, d),
         "sdpa": lambda out, d: section_sdpa(env, out),

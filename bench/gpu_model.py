@@ -82,6 +82,8 @@ def section_profile(env: Env, out: dict) -> None:
     wall_us = (time.perf_counter() - t0) * 1e6
     by_op: dict[str, float] = {}
     for e in prof.key_averages():  # self time: each kernel counted once, under the op that launched it
+        if e.device_type != torch.autograd.DeviceType.CPU:  # the kernels' own rows: counted through their ops
+            continue
         own = getattr(e, "self_device_time_total", 0.0) if env.cuda else e.self_cpu_time_total
         if own > 0 and "::" in e.key:
             by_op[e.key] = by_op.get(e.key, 0.0) + own
@@ -114,7 +116,9 @@ def section_profile(env: Env, out: dict) -> None:
                 run_stack(stack[:1], x)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        out["cuda_sync_debug_warnings_per_block"] = sum("synchroniz" in str(w.message) for w in caught)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        out["cuda_sync_debug_warnings_per_block"] = len(syncs)
+        out["cuda_sync_sites"] = sorted({f"{w.filename}:{w.lineno}" for w in syncs})
 
 
 def section_compile(env: Env, out: dict, enabled: bool) -> None:

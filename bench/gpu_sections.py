@@ -30,9 +30,10 @@ def section_versions(env: Env, out: dict) -> None:
             out["peak_note"] = f"no peak known for {props.name!r}: MFU left out (pass --peak-tflops)"
 
 
-def section_memory(env: Env, out: dict) -> None:
+def section_memory(env: Env, out: dict, cache_dir) -> None:
     """Bandwidth-bound work of a step, per parameter: what the planner charges for gradient accumulation (per
-    micro-batch) and the optimizer (per step, per parameter of the rank's shard)."""
+    micro-batch) and the optimizer (per step, per parameter of the rank's shard); and the disk's write speed."""
+    out["disk_write_gbps"] = disk_write_gbps(cache_dir, (1 << 30) if env.cuda else (1 << 24))
     n = (1 << 28) if env.cuda else (1 << 20)  # 256M parameters: sweeps far larger than any cache
     dev = env.device
     lp = torch.randn(n, device=dev).to(torch.bfloat16)
@@ -55,6 +56,23 @@ def section_memory(env: Env, out: dict) -> None:
         adamw.step()
         lp.copy_(hp)
     out["optimizer_ns_per_param"] = env.time_ms(optimizer) * 1e6 / n
+
+
+def disk_write_gbps(folder, size: int) -> float:
+    """Sequential write speed into `folder` (written, fsynced, deleted): what a checkpoint's background writer
+    gets on this machine's disk."""
+    import os
+    import tempfile
+    import time
+
+    block = os.urandom(1 << 24)
+    with tempfile.NamedTemporaryFile(dir=folder) as f:
+        t0 = time.perf_counter()
+        for _ in range(max(1, size >> 24)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        return max(1, size >> 24) * len(block) / (time.perf_counter() - t0) / 1e9
 
 
 def grouped_gemm_worker(smoke: bool) -> None:

@@ -66,21 +66,29 @@ def _launch(cmd: list[str], timeout: float, log: Path) -> tuple[int | None, str]
     return code, log.read_text(errors="replace")
 
 
-def section_train(env: Env, out: dict, deadline, cache_dir: Path, compile_on: bool) -> None:
+def section_train(env: Env, out: dict, deadline, cache_dir: Path, compile_on: bool, earlier: dict) -> None:
     steps = 6 if env.smoke else 12
     run_dir = Path(tempfile.mkdtemp(prefix="jetmoe_gpu_check_", dir=cache_dir))
     step_times = run_dir / "step_times.jsonl"
     overrides = train_overrides(env, steps, compile_on) + [f"hydra.run.dir={run_dir}"]
+    # The checkpoint at the last step, and the launch resuming from it, only when the disk has the room and the
+    # section the time: training (~90 s with compiling), the write, reading it back, the second start (~60 s).
     need, free = checkpoint_bytes(env), shutil.disk_usage(cache_dir).free
-    saving = need * 1.3 < free
+    gbps = earlier.get("memory", {}).get("disk_write_gbps")
+    write_s = need / (gbps * 1e9) if gbps else None
+    roomy, timely = need * 1.3 < free, write_s is not None and 90 + 2 * write_s + 60 < deadline.left()
+    saving = roomy and (timely or env.smoke)
     overrides += ([f"checkpoint.every={steps}", "checkpoint.async=true", "checkpoint.keep=1"] if saving
                   else ["checkpoint.every=0"])
     out["shape"] = {"blocks": STAGE_BLOCKS if not env.smoke else 1, "micro_batches_per_step": MICRO_BATCHES,
                     "recipe_micro_batches": RECIPE_MICRO_BATCHES, "seq_len": 4096 if not env.smoke else 32,
                     "steps": steps, "compile": compile_on}
-    out["checkpoint_plan"] = {"bytes": need, "disk_free_bytes": free, "saving": saving}
-    if not saving:
+    out["checkpoint_plan"] = {"bytes": need, "disk_free_bytes": free, "disk_write_gbps": gbps, "saving": saving}
+    if not roomy:
         out["checkpoint_plan"]["skipped"] = f"{free / 2**30:.1f} GiB free < 1.3 x {need / 2**30:.1f} GiB"
+    elif not saving:
+        out["checkpoint_plan"]["skipped"] = (f"writing {need / 2**30:.1f} GiB at {gbps or 0:.2f} GB/s (~{write_s or 0:.0f} s)"
+                                             f" and reading it back does not fit the section's {deadline.left():.0f} s")
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_train_launch.py"), *overrides]
     os.environ["JETMOE_STEP_TIMES"] = str(step_times)
     resume_reserve = 45 if saving and not env.smoke else 0
