@@ -137,3 +137,43 @@ def test_each_section_gets_its_share_plus_what_earlier_ones_left():
     assert section_seconds(shares, 1, 55.0) == 25.0  # a left 5 s unused
     assert section_seconds(shares, 2, 5.0) == 5.0  # never past the budget
     assert section_seconds(shares, 0, 0.0) == 0.0
+
+
+def test_profile_buckets_go_by_aten_op_not_by_kernel_name():
+    from gpu_model import op_bucket
+
+    assert op_bucket("aten::_grouped_mm") == "grouped_gemm"
+    assert op_bucket("aten::mm") == op_bucket("aten::addmm") == op_bucket("aten::bmm") == "matmul"
+    assert op_bucket("aten::_cudnn_attention_backward") == op_bucket("aten::_flash_attention_forward") == "attention"
+    assert op_bucket("aten::index_select") == op_bucket("aten::argsort") == "index_sort_scatter"
+    assert op_bucket("aten::mul") == op_bucket("aten::copy_") == "elementwise_other"
+    assert op_bucket("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NNT") == "elementwise_other"  # a kernel is not an op
+
+
+def test_peak_tflops_by_exact_device_name():
+    from gpu_env import peak_bf16_tflops
+
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0  # a substring match would have said 989
+    assert peak_bf16_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_bf16_tflops("NVIDIA H100") is None and peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_a_flex_attention_failure_is_reported_not_timed(monkeypatch):
+    import torch
+    import torch.nn.attention.flex_attention as flex
+    from gpu_env import Env
+    from gpu_sections import _flex
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(flex, "create_block_mask", broken)
+    env = Env(smoke=True)
+    q = torch.randn(1, 4, env.seq, 16)
+    doc = torch.zeros(1, env.seq, dtype=torch.long)
+    out = _flex(env, q, [q, q], doc, 1.0, False)
+    assert out["flex"].startswith("failed") and "no kernel" in out["flex"]
+    assert not any(key.startswith("document_flex") for key in out)
