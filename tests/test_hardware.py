@@ -14,8 +14,8 @@ def test_peaks_by_exact_device_name(device, peak):
 
 
 def test_a_name_that_only_contains_a_known_part_is_unknown():
-    assert device_peak_tflops("NVIDIA H100") is None and device_peak_tflops("NVIDIA H200 NVL") is None
-    assert device_peak_tflops("H100 PCIe") is None
+    assert device_peak_tflops("NVIDIA H100") is None and device_peak_tflops("NVIDIA H200 SXM") is None
+    assert device_peak_tflops("H100 PCIe") is None and device_peak_tflops("NVIDIA H200 NVL") == 835.0
 
 
 def test_planner_parts_take_their_peak_from_the_table():

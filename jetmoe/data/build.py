@@ -44,7 +44,10 @@ class Data:
 
 
 def _quiet_datasets():
-    import datasets
+    try:
+        import datasets
+    except ImportError:  # the built-in corpus needs no `datasets`; files and hub sources import it themselves
+        return
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # failures reach the user as JetMoEError

@@ -36,6 +36,10 @@ def auto_num_proc(num_proc: Optional[int], size_bytes: Optional[int]) -> Optiona
 
 
 def _token_batches(ds, tokenizer: TextTokenizer, num_proc: Optional[int]):
+    if isinstance(ds, list):  # texts in memory (the built-in corpus): batches as `datasets` would cut them
+        for start in range(0, len(ds), 1000):
+            yield _encode({"text": ds[start:start + 1000]}, tokenizer)["input_ids"]
+        return
     import datasets
 
     if isinstance(ds, datasets.IterableDataset):

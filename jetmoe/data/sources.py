@@ -34,13 +34,16 @@ def file_format(path: Path) -> Optional[str]:
 class Source:
     key: str  # changes whenever the text may have changed
     description: str
-    load: Callable[[], object]  # -> datasets.Dataset | IterableDataset with a "text" column
+    load: Callable[[], object]  # -> datasets.Dataset | IterableDataset with a "text" column, or a list of texts
     size_bytes: Optional[int] = None
 
     def texts(self, max_chars: int = TOKENIZER_TRAIN_CHARS) -> Iterator[str]:
         seen = 0
-        for batch in self.load().iter(batch_size=1000):
-            for text in batch["text"]:
+        data = self.load()
+        batches = ([data[i:i + 1000] for i in range(0, len(data), 1000)] if isinstance(data, list)
+                   else (batch["text"] for batch in data.iter(batch_size=1000)))
+        for batch in batches:
+            for text in batch:
                 if text:
                     yield text
                     seen += len(text)
@@ -65,12 +68,10 @@ def _builtin_source() -> Source:
 
     docs: list[str] = []
 
-    def load():
-        import datasets
-
+    def load():  # a plain list: the built-in corpus needs no `datasets` (the GPU check's machine lacks it)
         if not docs:
             docs.extend(builtin_corpus.iter_documents())
-        return datasets.Dataset.from_dict({"text": docs})
+        return docs
 
     return Source(key=builtin_corpus.corpus_key(), description="builtin corpus (Python stdlib docstrings)", load=load)
 

@@ -19,18 +19,34 @@ from jetmoe.model.router import expert_counts
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# CUDA majors where torch._grouped_mm runs one CUTLASS kernel with the group offsets read on the device: bf16 on
+# sm90 and sm100 (torch 2.8 / 2.9 to 2.11 at least). Elsewhere torch (>= 2.9) still accepts any SM >= 80 but runs
+# a per-group loop that copies the offsets to the host on every call (three syncs per projection per forward
+# and backward); our own loop syncs once per layer, so it serves there. bench/gpu.py's grouped_gemm section
+# checks on the device whether a call syncs.
+FUSED_GROUPED_MM_MAJORS = (9, 10)
+
+
+def grouped_mm_path(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str:
+    """"grouped" (one torch._grouped_mm, no host sync) or "loop" (per-expert matmuls, one count fetch per layer)
+    for rows of `dtype` on a `device_type` device (`capability`: the CUDA device's (major, minor))."""
+    if not _HAS_GROUPED_MM or dtype not in _GROUPED_MM_DTYPES:
+        return "loop"
+    if device_type == "cuda":
+        fused = dtype == torch.bfloat16 and capability is not None and capability[0] in FUSED_GROUPED_MM_MAJORS
+        return "grouped" if fused else "loop"
+    return "grouped" if device_type == "cpu" else "loop"
 
 
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not _HAS_GROUPED_MM or x.dtype != weight.dtype or x.dtype not in _GROUPED_MM_DTYPES:
+    if x.dtype != weight.dtype:
         return False
     # The kernel wants 16-byte aligned row strides on both operands.
     align = 16 // x.element_size()
     if x.shape[-1] % align or weight.shape[1] % align:
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu"
+    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    return grouped_mm_path(x.device.type, x.dtype, capability) == "grouped"
 
 
 class GroupSizes:

@@ -156,8 +156,11 @@ def init_like_transformers(module: nn.Module, std: float, seed: int, global_name
             if sub.weight.is_meta:  # a skeleton (from_pretrained) gets its values from the files
                 continue
             drawn.add(id(sub.weight))
-            gen = torch.Generator().manual_seed(name_seed(seed, names[id(sub.weight)]))
-            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * std)
+            # Drawn where the weight lives (a GPU stage never holds an fp32 copy on the host); in fp32, then rounded
+            # to the weight's dtype. CPU draws are the reference; a CUDA generator gives other, equally seeded values.
+            device = sub.weight.device
+            gen = torch.Generator(device=device).manual_seed(name_seed(seed, names[id(sub.weight)]))
+            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen, device=device) * std)
         if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
             sub.weight[sub.padding_idx].zero_()
         if isinstance(sub, RMSNorm):

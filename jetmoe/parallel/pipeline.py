@@ -140,7 +140,8 @@ class HeadStage(nn.Module):
 def block_weights(config: JetMoEConfig) -> list[int]:
     """Parameter count per block for `partition=parameters`, embedding folded into the first block and
     the (untied) head into the last, since those stages also carry them."""
-    block = sum(p.numel() for p in JetMoEBlock(config, 0).parameters())
+    with torch.device("meta"):  # shapes only
+        block = sum(p.numel() for p in JetMoEBlock(config, 0).parameters())
     weights = [block] * config.num_hidden_layers
     embed = config.vocab_size * config.hidden_size
     weights[0] += embed
@@ -148,37 +149,59 @@ def block_weights(config: JetMoEConfig) -> list[int]:
     return weights
 
 
+def _on_device(spec_class):
+    """A LayerSpec class whose layer is allocated directly on `device` in `dtype`, uninitialised (the stage's
+    init fills every parameter): a GPU rank never holds an fp32 copy of its stage on the host."""
+
+    class OnDevice(spec_class):
+        def __init__(self, device, dtype, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.device, self.dtype = device, dtype
+
+        def build(self, log=False):
+            with torch.device("meta"):
+                layer = super().build(log)
+            return layer.to(self.dtype).to_empty(device=self.device)
+
+    OnDevice.__name__ = OnDevice.__qualname__ = f"OnDevice{spec_class.__name__}"
+    return OnDevice
+
+
 def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterLossHook | None,
-                block_counts: list[int], document_mask: str = "off") -> list:
+                device: torch.device, dtype: torch.dtype, block_counts: list[int], document_mask: str = "off") -> list:
     from deepspeed.runtime.pipe.module import LayerSpec, TiedLayerSpec
 
+    layer, tied_layer = _on_device(LayerSpec), _on_device(TiedLayerSpec)
+    at = (device, dtype)
     ends = [sum(block_counts[:s + 1]) for s in range(len(block_counts))]  # one past each stage's last block
-
     tied = config.tie_word_embeddings
-    embed = (TiedLayerSpec(TIED_KEY, EmbeddingStage, config, tied_weight_attr=["embed_tokens.weight"])
-             if tied else LayerSpec(EmbeddingStage, config))
+    embed = (tied_layer(*at, TIED_KEY, EmbeddingStage, config, tied_weight_attr=["embed_tokens.weight"])
+             if tied else layer(*at, EmbeddingStage, config))
     specs = [embed]
-    specs += [LayerSpec(BlockStage, config, i, grad_scale, on_router_loss, document_mask, i == 0 or i in ends, i + 1 in ends)
-              for i in range(config.num_hidden_layers)]
-    specs.append(LayerSpec(FinalNormStage, config))
+    specs += [layer(*at, BlockStage, config, i, grad_scale, on_router_loss, document_mask, i == 0 or i in ends,
+                    i + 1 in ends) for i in range(config.num_hidden_layers)]
+    specs.append(layer(*at, FinalNormStage, config))
     if tied:
-        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingStage, config, forward_fn=tied_head,
-                                   tied_weight_attr=["embed_tokens.weight"]))
+        specs.append(tied_layer(*at, TIED_KEY, EmbeddingStage, config, forward_fn=tied_head,
+                                tied_weight_attr=["embed_tokens.weight"]))
     else:
-        specs.append(LayerSpec(HeadStage, config))
+        specs.append(layer(*at, HeadStage, config))
     return specs
 
 
 def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
-                   on_router_loss: RouterLossHook | None = None, document_mask: bool = False, compile: bool = False):
-    """This rank's stage of the pipeline, initialised identically for every layout. `compile`: each block's
-    parts through torch.compile (jetmoe.parallel.compile); activation recompute, applied later, wraps them."""
+                   on_router_loss: RouterLossHook | None = None, document_mask: bool = False, compile: bool = False,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """This rank's stage of the pipeline, built on `device` in `dtype` and initialised identically for every
+    layout. `compile`: each block's parts through torch.compile (jetmoe.parallel.compile); activation recompute,
+    applied later, wraps them."""
     weights = block_weights(config) if partition == "parameters" else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology on rank 0
         module = BlockCountPipelineModule(
             counts,
-            layers=layer_specs(config, grad_scale, on_router_loss, counts, "on" if document_mask else "off"),
+            layers=layer_specs(config, grad_scale, on_router_loss, torch.device(device), dtype, counts,
+                               "on" if document_mask else "off"),
             topology=topology,
             loss_fn=head_loss,
             activation_checkpoint_interval=0,

@@ -118,9 +118,10 @@ class EngineParts:
 
 
 def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSection, model_config, layout: Layout, *,
-                 bf16: bool, compiled: bool, document_mask: bool, on_router_loss: RouterLossHook | None) -> EngineParts:
-    """This rank's stage, initialised identically for every layout, with experts spread over ep, wrapped in
-    DeepSpeed's PipelineEngine with ZeRO-1. compiled: train.compile resolved (compile_on)."""
+                 device: torch.device, bf16: bool, compiled: bool, document_mask: bool,
+                 on_router_loss: RouterLossHook | None) -> EngineParts:
+    """This rank's stage, built on `device` and initialised identically for every layout, with experts spread over
+    ep, wrapped in DeepSpeed's PipelineEngine with ZeRO-1. compiled: train.compile resolved (compile_on)."""
     import deepspeed
 
     ds_config = deepspeed_config(train, optim, layout.dp, bf16)
@@ -130,10 +131,8 @@ def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSec
         partition = list(partition)
     torch.manual_seed(train.seed)
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, train.seed,
-                            grad_scale=1.0 / gas, on_router_loss=on_router_loss,
-                            document_mask=document_mask, compile=compiled)
-    if bf16:
-        module.to(torch.bfloat16)
+                            grad_scale=1.0 / gas, on_router_loss=on_router_loss, document_mask=document_mask,
+                            compile=compiled, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     initialize = deepspeed.initialize
     if layout.ep > 1:
         # After the full expert weights are initialised (so every layout starts from the same weights) and

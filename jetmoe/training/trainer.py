@@ -69,6 +69,8 @@ class Trainer:
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         c, train = self.config, self.config.train
+        # First of all: cuBLAS reads its workspace setting when it initialises, before any CUDA work of ours.
+        set_deterministic(train.deterministic)
         self.cuda = use_cuda(train)
         self.precision = precision(train, self.cuda)
         self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=c.parallel.timeout_s))
@@ -88,10 +90,9 @@ class Trainer:
         self.data = build_data(c.data, mc.vocab_size, mc.max_position_embeddings, train.seed, log=logger.info,
                                special_tokens=(mc.bos_token_id, mc.eos_token_id))  # data=mixture checks them
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
-        set_deterministic(train.deterministic)  # before the engine exists (cuBLAS reads it at start-up)
         start_deepspeed_comm(self.cuda, timedelta(seconds=c.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(
-            train, c.optim, c.parallel, mc, self.layout, bf16=self.precision == "bf16",
+            train, c.optim, c.parallel, mc, self.layout, device=self.device, bf16=self.precision == "bf16",
             compiled=compile_on(train.compile, self.cuda, c.data.cache_dir), document_mask=c.data.document_mask,
             on_router_loss=self.routers.record)
         self.engine = self.parts.engine
