@@ -15,8 +15,12 @@ from pathlib import Path
 
 import matplotlib
 
+from jetmoe.log import get_logger
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+logger = get_logger("plot")
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -78,7 +82,7 @@ def plot_expert_load(rows, out: Path) -> Path | None:
         image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
-        ax.set_title(f"{kind.upper()} experts")
+        ax.set_title(f"{kind} experts")
         fig.colorbar(image, ax=ax, label="share of routed tokens")
     fig.suptitle(f"expert load at step {last['step']}")
     return _save(fig, out / "expert_load.png")
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
                plot_expert_load(rows, out)]
     for path in written:
         if path is not None:
-            print(path)
+            logger.info(str(path))
     return 0
 
 

@@ -158,7 +158,7 @@ class ParallelSection:
         in_range("parallel.ep", self.ep, 1, example="1")
         in_range("parallel.timeout_s", self.timeout_s, 0, example="1800", low_ok=False)
         if isinstance(self.partition, str):
-            one_of("parallel.partition", self.partition, ("uniform", "parameters"))
+            one_of("parallel.partition", self.partition.lower(), ("uniform", "parameters"))
         elif not isinstance(self.partition, list) or not all(isinstance(n, int) for n in self.partition):
             raise JetMoEError(f"parallel.partition={self.partition!r} is not uniform, parameters or a list of "
                               "blocks per stage, e.g. parallel.partition=[9,8,7]")
