@@ -114,7 +114,7 @@ class ParallelSection:
     pp: int = 1  # pipeline stages; dp = world / pp
     ep: int = 1  # expert-parallel degree inside each stage's data-parallel group
     ep_attention: bool = True  # also spread MoA experts over the ep ranks
-    partition: Any = "uniform"  # uniform | parameters | [blocks on stage 0, blocks on stage 1, ...]
+    partition: Any = "uniform"  # uniform | parameters | flops | [blocks on stage 0, blocks on stage 1, ...]
     activation_checkpointing: bool = False  # recompute each block in backward
     timeout_s: int = 1800  # collective timeout; a dead peer ends the job after this
 

@@ -14,6 +14,7 @@ from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel import expert
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from jetmoe.parallel.deepspeed_internals import add_bf16_grads_without_temporary
 from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
 from jetmoe.data.config import resolve_user_path
@@ -31,8 +32,9 @@ def deepspeed_config(cfg: DictConfig, dp: int) -> dict:
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": 1},
-        # fp32 ZeRO-1 skips a step whose gradient norm is not finite; bf16 must be asked to.
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        # fp32 ZeRO-1 skips a step whose gradient norm is not finite; bf16 must be asked to. Each bf16 gradient
+        # is added into the fp32 sum as backward produces it, then freed (no whole-stage zero and add sweeps).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True, "immediate_grad_update": bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -117,7 +119,8 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
     dtype = torch.bfloat16 if precision(cfg) == "bf16" else torch.float32
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, cfg.train.seed,
                             grad_scale=1.0 / gas, on_router_loss=on_router_loss,
-                            document_mask=bool(cfg.data.document_mask), compile=compiled, device=device, dtype=dtype)
+                            document_mask=bool(cfg.data.document_mask), compile=compiled, device=device, dtype=dtype,
+                            seq_len=cfg.data.seq_len)
     initialize = deepspeed.initialize
     if layout.ep > 1:
         # After the full expert weights are initialised (so every layout starts from the same weights) and
@@ -132,5 +135,7 @@ def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: 
         groups = expert.moe_param_groups(groups)
     optimizer, scheduler = build_optimizer(cfg, groups)
     engine, _, _, _ = initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if getattr(engine.optimizer, "immediate_grad_update", False):
+        add_bf16_grads_without_temporary(engine.optimizer)
     return EngineParts(engine=engine, module=module, optimizer=engine.optimizer, scheduler=engine.lr_scheduler,
                        grad_accumulation=gas, ds_config=ds_config, compiled=compiled)
