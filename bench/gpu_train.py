@@ -132,7 +132,7 @@ def _launch_result(env: Env, run_dir: Path, step_times: Path, code, log: str, wa
         parts = ("compute", "grad_accumulation", "optimizer")
         out["step_breakdown_s"] = {k: statistics.median(t[k] for t in later) for k in parts}
         out["step_s_device"] = statistics.median(t["step_s"] for t in later)
-        out["accumulation_sweeps_per_step"] = later[-1]["accumulation_sweeps"]
+        out["accumulation_calls_per_step"] = later[-1]["accumulation_calls"]
         out["steps_timed"] = len(timed)
     if m := re.search(r"compile: ([\d.]+) s in the first step \((\d+) graphs, (\d+) graph breaks\)", log):
         out["compile_s"], out["graphs"], out["graph_breaks"] = float(m.group(1)), int(m.group(2)), int(m.group(3))

@@ -2,8 +2,9 @@
 """The GPU check's training launch: `train/pretrain.py [overrides]`, with DeepSpeed's BF16 optimizer timed from
 outside, per optimizer step, so the step splits the way the planner splits it:
 
-  grad_accumulation  every micro-batch's sweep that adds the bf16 gradients into the fp32 buffer and zeroes them
-                     (BF16_Optimizer.update_hp_grads and clear_lp_grads)
+  grad_accumulation  adding each micro-batch's bf16 gradients into the fp32 sum and clearing them: per micro-batch
+                     sweeps (BF16_Optimizer.update_hp_grads, clear_lp_grads) or, with bf16.immediate_grad_update,
+                     the per-parameter adds in backward (accumulate_hp_grads_and_remove_lp)
   optimizer          clipping, AdamW on the fp32 masters, the bf16 copy refreshed (BF16_Optimizer.step)
   compute            the rest of the step on the device timeline: forward and backward of every micro-batch, the
                      loss, the host's own work where the device waits for it
@@ -83,7 +84,7 @@ class StepTimer:
             end.synchronize()
         self.step += 1
         row = {"step": self.step, "step_s": self.seconds(start, end), "grad_accumulation": 0.0, "optimizer": 0.0,
-               "accumulation_sweeps": sum(kind == "grad_accumulation" for kind, _, _ in spans)}
+               "accumulation_calls": sum(kind == "grad_accumulation" for kind, _, _ in spans)}
         for kind, a, b in spans:
             row[kind] += self.seconds(a, b)
         row["compute"] = row["step_s"] - row["grad_accumulation"] - row["optimizer"]
@@ -103,6 +104,7 @@ def main() -> None:
     timer = StepTimer(Path(os.environ["JETMOE_STEP_TIMES"]), torch.cuda.is_available())
     timer.wrap_step(PipelineEngine, "train_batch")
     timer.wrap(BF16_Optimizer, "update_hp_grads", "grad_accumulation")
+    timer.wrap(BF16_Optimizer, "accumulate_hp_grads_and_remove_lp", "grad_accumulation")  # immediate update
     timer.wrap(BF16_Optimizer, "clear_lp_grads", "grad_accumulation")
     timer.wrap(BF16_Optimizer, "step", "optimizer")
     sys.argv[0] = str(ROOT / "train" / "pretrain.py")

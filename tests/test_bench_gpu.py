@@ -90,7 +90,7 @@ def test_gpu_check_installs_from_its_wheelhouse_into_a_bare_venv_and_runs_every_
     assert launch["loss_fell"] and launch["checkpoint_blocking_s"] >= 0, launch
     parts = launch["step_breakdown_s"]
     assert parts["grad_accumulation"] > 0 and parts["optimizer"] > 0 and parts["compute"] > 0, parts
-    assert launch["accumulation_sweeps_per_step"] >= 2  # one per micro-batch (2 here) and the clearing sweeps
+    assert launch["accumulation_calls_per_step"] >= 2  # per micro-batch (2 here): sweeps, or one add per parameter
     assert resume["exit"] == 0 and resume["load_s"] >= 0, resume
     assert result["calibration"]["train_step_breakdown_s"] == parts
 

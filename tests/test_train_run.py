@@ -102,3 +102,27 @@ def test_bf16_sums_the_micro_batch_gradients_in_fp32(tmp_path):
     override.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}))
     bf16_sum = _grad_accumulation_error(tmp_path / "bf16_sum", f"train.deepspeed_config={override}")
     assert bf16_sum["rel_error"] > 1e-3 > 1e3 * fp32_sum["rel_error"]  # the check can fail
+
+
+def _gradient_bookkeeping(run_dir, *extra):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/helpers/grad_bookkeeping_bytes.py"), str(run_dir), *SMALL,
+         "train.global_batch_size=8", "train.micro_batch_size=1", "train.precision=bf16", *extra],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_gradients_are_summed_in_one_pass_per_micro_batch(tmp_path):
+    """Bytes moved per micro-batch and parameter to keep the fp32 gradient sum, outside the model's own backward:
+    one mixed-dtype add per gradient (read bf16 + fp32, write fp32: 10 B), plus the step's dp flatten and zeroing
+    spread over 8 micro-batches (3 B). DeepSpeed's default path (zero every bf16 gradient, autograd adds into it,
+    a cast to an fp32 copy, then the add) moves 28 B."""
+    now = _gradient_bookkeeping(tmp_path / "fused")
+    assert now["immediate_grad_update"] and now["micro_batches"] == 8
+    assert now["bytes_per_param_per_micro_batch"] <= 13.5, now
+    assert "aten._to_copy.default" not in now["by_op"] and "aten._foreach_zero_.default" not in now["by_op"]
+    override = tmp_path / "deepspeed_default.json"
+    override.write_text(json.dumps({"bf16": {"immediate_grad_update": False}}))
+    default = _gradient_bookkeeping(tmp_path / "default", f"train.deepspeed_config={override}")
+    assert default["bytes_per_param_per_micro_batch"] >= 25, default  # the counter sees the sweeps it cuts

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from jetmoe.errors import JetMoEError
 from jetmoe.model import JetMoEConfig
+from jetmoe.plan.params import ModelShape
 from jetmoe.parallel.topology import make_layout, split_blocks
 from jetmoe.training.cli import strip_local_rank
 from jetmoe.training.compose import compose
@@ -22,6 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------- config
+def test_flops_partition_weighs_blocks_and_head_by_training_flops():
+    from jetmoe.parallel.pipeline import block_weights
+    from jetmoe.plan.params import count_params
+    from jetmoe.plan.throughput import flops_per_token
+
+    config = JetMoEConfig.preset("jetmoe_8b")
+    weights = block_weights(config, "flops", seq_len=4096)
+    shape = ModelShape.from_config(config)
+    assert sum(weights) == sum(flops_per_token(shape, count_params(shape), 4096))  # the planner's FLOPs, split
+    assert weights[-1] - weights[0] == 6 * (config.vocab_size + 1) * config.hidden_size  # head + norm, last block
+    # 24 blocks on 3 stages: the head is ~0.6 of a block, no whole-block move beats 8/8/8
+    assert split_blocks(24, 3, "flops", weights) == [8, 8, 8]
+    # a vocabulary that outweighs blocks: the last stage takes fewer blocks
+    small = JetMoEConfig.preset("jetmoe_tiny", hidden_size=64, num_hidden_layers=6, vocab_size=32000)
+    assert split_blocks(6, 2, "flops", block_weights(small, "flops", seq_len=256)) == [5, 1]
+
+
 @pytest.mark.parametrize("preset", ["jetmoe_tiny", "jetmoe_8b"])
 def test_model_group_files_equal_the_presets(preset, run_config):
     config = run_config(f"model={preset}")

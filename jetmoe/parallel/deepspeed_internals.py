@@ -28,6 +28,9 @@ PRIVATE_NAMES = (
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_hp_optimizer_states_linked"),  # set in __init__
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_lazy_init_hp_params_optimizer_state"),
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_hp_optimizer_states_linked"),  # set in __init__
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_update_hp_grad"),
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "fp32_groups_gradients"),  # set in __init__
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "fp32_groups_has_gradients"),  # set in __init__
     # Not underscored, but internal: the training-loss accumulator that eval_batch also adds outputs to.
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "total_loss"),  # set in __init__
 )
@@ -142,6 +145,35 @@ def relink_optimizer_state(zero_optimizer) -> None:
     safe_get_full_optimizer_state. Linking again once every group has state fixes the views."""
     zero_optimizer._hp_optimizer_states_linked = False
     zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def add_bf16_grads_without_temporary(bf16_optimizer) -> None:
+    """Make the BF16_Optimizer add each bf16 gradient into its fp32 sum in one pass: `hp += lp` with the
+    promotion done per element, instead of DeepSpeed's `hp += lp.to(fp32)`, which first writes and then reads
+    a whole fp32 copy of the gradient. Bitwise the same sum (bf16 -> fp32 is exact). With
+    `bf16.immediate_grad_update` the add runs in each parameter's gradient hook, and the bf16 gradient is then
+    freed: per micro-batch and parameter, 10 bytes move instead of DeepSpeed's default 28 (zeroing every bf16
+    gradient, autograd adding into it, the cast, the add; tests/helpers/grad_bookkeeping_bytes.py counts them).
+
+    DeepSpeed's `_update_hp_grad` is the one place that add lives (bf16_optimizer.py); this replaces it on this
+    instance only. Its expert-parallel folding correction (AutoEP) is not used by jetmoe and is refused here."""
+    import types
+
+    if getattr(bf16_optimizer, "autoep_folding_tp_group", None) is not None:
+        raise NotImplementedError("AutoEP folding is not used by jetmoe; its gradient correction is not kept here")
+
+    @torch.no_grad()
+    def _update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads):
+        if lp.grad is None:
+            return
+        hp_grad = self.fp32_groups_gradients[group_idx][param_idx]
+        hp_grad.add_(lp.grad.view(hp_grad.shape))
+        lp._hp_grad = hp_grad
+        self.fp32_groups_has_gradients[group_idx][param_idx] = True
+        if clear_lp_grads:
+            lp.grad.zero_()
+
+    bf16_optimizer._update_hp_grad = types.MethodType(_update_hp_grad, bf16_optimizer)
 
 
 # ------------------------------------------------------------------------------------------ inference

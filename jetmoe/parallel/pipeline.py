@@ -39,6 +39,7 @@ from jetmoe.model import (
     make_final_norm,
     make_lm_head,
 )
+from jetmoe.model.experts import GroupedExperts
 from jetmoe.parallel.compile import compile_blocks
 from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
 from jetmoe.parallel.topology import Layout, split_blocks
@@ -137,13 +138,27 @@ class HeadStage(nn.Module):
         return hidden, self.lm_head.weight  # the head's matmul runs inside head_loss, chunk by chunk
 
 
-def block_weights(config: JetMoEConfig) -> list[int]:
-    """Parameter count per block for `partition=parameters`, embedding folded into the first block and
-    the (untied) head into the last, since those stages also carry them."""
+def block_weights(config: JetMoEConfig, partition: str = "parameters", seq_len: int | None = None) -> list[int]:
+    """One weight per block for a balanced partition, the embedding folded into the first block's and the head
+    into the last block's, since those stages also carry them.
+    parameters: parameter counts (memory balance).
+    flops: training FLOPs per token (work balance): 6 x active matmul parameters + causal attention, counted as
+    jetmoe.plan.throughput counts them; the head's 6 x vocab x hidden matmul on the last block, nothing for the
+    embedding lookup."""
     with torch.device("meta"):  # shapes only
-        block = sum(p.numel() for p in JetMoEBlock(config, 0).parameters())
-    weights = [block] * config.num_hidden_layers
+        block = JetMoEBlock(config, 0)
+    total = sum(p.numel() for p in block.parameters())
     embed = config.vocab_size * config.hidden_size
+    if partition == "flops":
+        if seq_len is None:
+            raise ValueError("partition=flops needs the sequence length")
+        expert = sum(m.weight.numel() for m in block.modules() if isinstance(m, GroupedExperts))
+        k, e = config.num_experts_per_tok, config.num_local_experts
+        attention = 6 * seq_len * config.num_key_value_heads * config.kv_channels * k
+        weights = [6 * (total - expert + expert * k // e) + attention] * config.num_hidden_layers
+        weights[-1] += 6 * (embed + config.hidden_size)  # the head and the final norm; the lookup is no matmul
+        return weights
+    weights = [total] * config.num_hidden_layers
     weights[0] += embed
     weights[-1] += embed  # the head: a copy of the embedding (tied) or its own matrix; same matmul cost
     return weights
@@ -191,11 +206,11 @@ def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterL
 
 def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, seed: int, grad_scale: float = 1.0,
                    on_router_loss: RouterLossHook | None = None, document_mask: bool = False, compile: bool = False,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seq_len: int | None = None):
     """This rank's stage of the pipeline, built on `device` in `dtype` and initialised identically for every
     layout. `compile`: each block's parts through torch.compile (jetmoe.parallel.compile); activation recompute,
     applied later, wraps them."""
-    weights = block_weights(config) if partition == "parameters" else None
+    weights = block_weights(config, partition, seq_len) if partition in ("parameters", "flops") else None
     counts = split_blocks(config.num_hidden_layers, layout.pp, partition, weights)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology on rank 0
         module = BlockCountPipelineModule(

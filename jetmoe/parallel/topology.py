@@ -76,8 +76,9 @@ def split_blocks(num_layers: int, pp: int, partition, block_params: list[int] | 
     """Number of blocks on each stage.
 
     partition: "uniform" (as even as possible, earlier stages take the remainder last),
-    "parameters" (balance `block_params`: one weight per block, the caller folds the embedding into the
-    first block's and the head into the last block's), or an explicit list of per-stage block counts.
+    "parameters" or "flops" (balance `block_params`: one weight per block, parameters or training FLOPs, the
+    caller folds the embedding into the first block's and the head into the last block's), or an explicit list
+    of per-stage block counts.
     """
     if isinstance(partition, str):
         method = partition.lower()
@@ -85,12 +86,12 @@ def split_blocks(num_layers: int, pp: int, partition, block_params: list[int] | 
             base, extra = divmod(num_layers, pp)
             # Any remainder goes to the later stages.
             return [base + (1 if s >= pp - extra else 0) for s in range(pp)]
-        if method == "parameters":
+        if method in ("parameters", "flops"):
             if block_params is None:
                 block_params = [1] * num_layers
             return _balance(block_params, pp)
         raise JetMoEError(
-            f"parallel.partition={partition!r} is unknown; use uniform, parameters or a list of blocks per stage")
+            f"parallel.partition={partition!r} is unknown; use uniform, parameters, flops or a list of blocks per stage")
     counts = [int(c) for c in partition]
     if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
         raise JetMoEError(

@@ -149,7 +149,7 @@ class ParallelSection:
     pp: int = 1  # pipeline stages; dp = world / pp
     ep: int = 1  # expert-parallel degree inside each stage's data-parallel group
     ep_attention: bool = True  # also spread MoA experts over the ep ranks
-    partition: Any = "uniform"  # uniform | parameters | [blocks on stage 0, blocks on stage 1, ...]
+    partition: Any = "uniform"  # uniform | parameters | flops | [blocks on stage 0, blocks on stage 1, ...]
     activation_checkpointing: bool = False  # recompute each block in backward
     timeout_s: int = 1800  # collective timeout; a dead peer ends the job after this
 
@@ -158,10 +158,10 @@ class ParallelSection:
         in_range("parallel.ep", self.ep, 1, example="1")
         in_range("parallel.timeout_s", self.timeout_s, 0, example="1800", low_ok=False)
         if isinstance(self.partition, str):
-            one_of("parallel.partition", self.partition.lower(), ("uniform", "parameters"))
+            one_of("parallel.partition", self.partition.lower(), ("uniform", "parameters", "flops"))
         elif not isinstance(self.partition, list) or not all(isinstance(n, int) for n in self.partition):
-            raise JetMoEError(f"parallel.partition={self.partition!r} is not uniform, parameters or a list of "
-                              "blocks per stage, e.g. parallel.partition=[9,8,7]")
+            raise JetMoEError(f"parallel.partition={self.partition!r} is not uniform, parameters, flops or a list "
+                              "of blocks per stage, e.g. parallel.partition=[9,8,7]")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.parallel import expert
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+from jetmoe.parallel.deepspeed_internals import add_bf16_grads_without_temporary
 from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
 from jetmoe.paths import resolve_user_path
@@ -29,8 +30,9 @@ def deepspeed_config(train: TrainSection, optim: OptimSection, dp: int, bf16: bo
         "gradient_accumulation_steps": gas,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": 1},
-        # fp32 ZeRO-1 skips a step whose gradient norm is not finite; bf16 must be asked to.
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        # fp32 ZeRO-1 skips a step whose gradient norm is not finite; bf16 must be asked to. Each bf16 gradient
+        # is added into the fp32 sum as backward produces it, then freed (no whole-stage zero and add sweeps).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True, "immediate_grad_update": bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -118,7 +120,7 @@ class EngineParts:
 
 
 def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSection, model_config, layout: Layout, *,
-                 device: torch.device, bf16: bool, compiled: bool, document_mask: bool,
+                 device: torch.device, bf16: bool, compiled: bool, document_mask: bool, seq_len: int,
                  on_router_loss: RouterLossHook | None) -> EngineParts:
     """This rank's stage, built on `device` and initialised identically for every layout, with experts spread over
     ep, wrapped in DeepSpeed's PipelineEngine with ZeRO-1. compiled: train.compile resolved (compile_on)."""
@@ -132,7 +134,8 @@ def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSec
     torch.manual_seed(train.seed)
     module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, train.seed,
                             grad_scale=1.0 / gas, on_router_loss=on_router_loss, document_mask=document_mask,
-                            compile=compiled, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+                            compile=compiled, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
+                            seq_len=seq_len)
     initialize = deepspeed.initialize
     if layout.ep > 1:
         # After the full expert weights are initialised (so every layout starts from the same weights) and
@@ -147,5 +150,7 @@ def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSec
         groups = expert.moe_param_groups(groups)
     optimizer, scheduler = build_optimizer(optim, train, groups)
     engine, _, _, _ = initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if getattr(engine.optimizer, "immediate_grad_update", False):
+        add_bf16_grads_without_temporary(engine.optimizer)
     return EngineParts(engine=engine, module=module, optimizer=engine.optimizer, scheduler=engine.lr_scheduler,
                        grad_accumulation=gas, ds_config=ds_config, compiled=compiled)

@@ -94,7 +94,7 @@ class Trainer:
         self.parts: EngineParts = build_engine(
             train, c.optim, c.parallel, mc, self.layout, device=self.device, bf16=self.precision == "bf16",
             compiled=compile_on(train.compile, self.cuda, c.data.cache_dir), document_mask=c.data.document_mask,
-            on_router_loss=self.routers.record)
+            seq_len=c.data.seq_len, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
         self.loader = self.data.train_loader(train.global_batch_size, train.micro_batch_size,
