@@ -49,6 +49,7 @@ def conf(tmp_path_factory):
         f"    code_py: {{path: {root / 'code.jsonl'}, text_field: content}}\n"
         "model:\n  vocab_size: 512\n  eos_token_id: 0\n  bos_token_id: null\n"
         "train:\n  global_batch_size: 32\n")
+    (folder / "myrun.yaml").write_text("defaults:\n  - config\n  - _self_\ntrain:\n  global_batch_size: 48\n")
     return folder
 
 
@@ -65,6 +66,15 @@ def test_plan_reads_your_experiment_and_data_files(conf, spelling, capsys):
     assert row["tokens_per_step"] == 32 * 16  # the experiment's batch and its data's seq_len
     assert plan_cli.main([*spelled(spelling, conf), "data=mydata"]) == 0  # found in your folder
     assert plan_cli.main(["data=mydata"]) == 2 and "mydata" in capsys.readouterr().err  # and only there
+
+
+@pytest.mark.parametrize("name", ["--config-name", "-cn"])
+def test_a_primary_config_of_your_own(conf, name, capsys, run_config):
+    assert plan_cli.main(["-cd", str(conf), name, "myrun"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens_per_step"] == 48 * 128
+    assert run_config("--config-dir", str(conf), f"{name}=myrun").train.global_batch_size == 48
+    with pytest.raises(JetMoEError, match="Cannot find primary config 'myrun'"):
+        run_config(name, "myrun")  # not on the search path without the folder
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

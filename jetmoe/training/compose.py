@@ -5,14 +5,16 @@ Hydra knows:
 
     --config-dir /my/conf  (or -cd /my/conf)       hydra.searchpath=[file:///my/conf]
 
-and may name another primary config with --config-name (-cn). Both spellings add the folder to the search path
-behind the built-in configs/, so `data=mydata` and `+experiment=big` find the user's files in every command.
+Both add the folder to the search path behind the built-in configs/, so `data=mydata` and `+experiment=big` find
+the user's files in every command. --config-name (-cn) names another primary config: one in the user's folder
+needs --config-dir (Hydra reads hydra.searchpath only after it has found the primary config).
 `compose` composes once; any mistake (a misspelt key, a file Hydra cannot find, a folder that is not there)
 is one JetMoEError line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -88,36 +90,37 @@ def register() -> None:
         OmegaConf.register_new_resolver("jetmoe_run_stamp", run_stamp, use_cache=True)
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+@contextlib.contextmanager
+def _hydra(config_dir: str | None):
+    """Hydra initialised on configs/, with `config_dir` behind it as `--config-dir` puts it: on the search path
+    before the primary config is looked up (a `hydra.searchpath` override joins only after that), as Hydra's own
+    main does. `hydra.initialize_config_dir` takes one folder, so this builds the search path the same way."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
-
-def with_config_dir(overrides: list[str], config_dir: str | None) -> list[str]:
-    """`--config-dir DIR` as Hydra's `hydra.searchpath` (joined to one the user gave): one mechanism for both."""
-    if config_dir is None:
-        return overrides
-    folder = Path(config_dir).expanduser().absolute()
-    if not folder.is_dir():
-        raise JetMoEError(f"--config-dir {config_dir} is not a directory; give the folder that holds your "
-                          "data/, experiment/ (...) config files")
-    paths, rest = [], []
-    for override in overrides:
-        if override.split("=", 1)[0] == "hydra.searchpath":
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
-            value = OverridesParser.create().parse_overrides([override])[0].value()
-            paths += list(value) if isinstance(value, list) else [value]
-        else:
-            rest.append(override)
-    paths.append(f"file://{folder}")
-    return rest + [f"hydra.searchpath=[{','.join(_quote(str(p)) for p in paths)}]"]
+    search_path = create_config_search_path(search_path_dir=str(CONFIG_DIR))
+    if config_dir is not None:
+        folder = Path(config_dir).expanduser().absolute()
+        if not folder.is_dir():
+            raise JetMoEError(f"--config-dir {config_dir} is not a directory; give the folder that holds your "
+                              "data/, experiment/ (...) config files")
+        search_path.prepend(provider="command-line", path=f"file://{folder}", anchor=SearchPathQuery(provider="schema"))
+    backup = get_gh_backup()
+    version.setbase(None)
+    Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def compose(argv: list[str], with_hydra: bool = False) -> DictConfig:
     """The composed config for this command line (Hydra's own `hydra` node kept with `with_hydra`).
     Raises JetMoEError, one line, for anything Hydra or OmegaConf refuses."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -125,13 +128,13 @@ def compose(argv: list[str], with_hydra: bool = False) -> DictConfig:
     if args.others:
         raise JetMoEError(f"unknown option {args.others[0]}; this command takes --config-dir/-cd, "
                           "--config-name/-cn and Hydra overrides (key=value)")
-    overrides = with_config_dir(args.overrides, args.config_dir)
     register()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return hydra_compose(config_name=args.config_name, overrides=overrides, return_hydra_config=with_hydra)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise JetMoEError(f"bad override: {one_line(e)} ({HINT})") from None
+    with _hydra(args.config_dir):
+        try:
+            return hydra_compose(config_name=args.config_name, overrides=args.overrides,
+                                 return_hydra_config=with_hydra)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            raise JetMoEError(f"bad override: {one_line(e)} ({HINT})") from None
 
 
 def load(argv: list[str], needs: tuple[str, ...] | None = None):
