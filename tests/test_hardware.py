@@ -1,4 +1,5 @@
-"""The one peak-TFLOP/s table: exact device names, never substrings; the planner's parts and the trainer's MFU read it."""
+"""The one peak-TFLOP/s table: exact device names, never substrings; the planner's parts and the trainer's MFU
+read it."""
 
 import pytest
 

@@ -28,6 +28,6 @@ __all__ = [
     "PRESETS", "JetMoEConfig", "GroupedExperts", "LocalDispatcher", "LocalPlan", "grouped_linear", "MoA", "MoE",
     "SparseLayer", "RouterLoss", "TopKRouter", "router_loss", "attach_aux_loss", "aux_loss", "causal_lm_loss",
     "linear_causal_lm_loss", "shift_labels", "sum_router_losses", "ATTENTION", "MLP", "ROUTER_KINDS", "block_inputs",
-    "JetMoEBlock", "JetMoEForCausalLM", "JetMoEModel", "JetMoEOutput", "init_like_transformers", "iter_sparse_layers", "make_embedding", "make_final_norm", "make_lm_head",
-    "set_document_mask",
+    "JetMoEBlock", "JetMoEForCausalLM", "JetMoEModel", "JetMoEOutput", "init_like_transformers", "iter_sparse_layers",
+    "make_embedding", "make_final_norm", "make_lm_head", "set_document_mask",
 ]
