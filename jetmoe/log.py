@@ -1,9 +1,10 @@
-"""The console: one logger, `jetmoe`, that every module writes through (`log = get_logger(__name__)`).
+"""The console: one logger, `jetmoe`, that every module writes through (`logger = get_logger(__name__)`).
 
 Lines are printed as they are written (no time or level prefix): info to stdout, warnings and errors to
 stderr. Only global rank 0 prints, so a line means the same on one process or on 768; a line that every
 rank must print (its own error, its own stack) passes `extra=EVERY_RANK`. While a progress bar is shown,
-lines go through it (`set_progress_bar`), so they never cut the bar in half.
+lines go through it (`set_progress_bar`), so they never cut the bar in half. After a logging configuration
+of someone else's (Hydra's job logging), `reclaim()` puts the console back.
 """
 
 from __future__ import annotations
@@ -48,9 +49,18 @@ def _configure() -> logging.Logger:
         handler = _Console()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False  # Hydra's job logging formats the root logger's lines; ours stay plain
+    root.setLevel(logging.INFO)
+    root.propagate = False  # Hydra's job logging formats the root logger's lines; ours stay plain
     return root
+
+
+def reclaim() -> None:
+    """The console as set here again, after someone else's logging configuration: Hydra's job logging (the
+    `disabled` one that ranks other than 0 run with, or a user's) may disable every logger that exists."""
+    _configure()
+    for name, existing in logging.Logger.manager.loggerDict.items():
+        if isinstance(existing, logging.Logger) and (name == ROOT or name.startswith(ROOT + ".")):
+            existing.disabled = False
 
 
 def get_logger(name: str = ROOT) -> logging.Logger:

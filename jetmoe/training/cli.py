@@ -57,10 +57,12 @@ def _job(config):
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from jetmoe.log import reclaim
         from jetmoe.training.config import RunConfig
         from jetmoe.training.failures import fail
         from jetmoe.training.trainer import run
 
+        reclaim()  # Hydra's job logging has just been configured (on ranks other than 0: every logger disabled)
         logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op-builder gcc chatter
         try:
             run(config or RunConfig.from_composed(cfg).check(), HydraConfig.get().runtime.output_dir)
