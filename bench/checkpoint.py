@@ -67,25 +67,21 @@ def timed(fn):
 
 
 def main(argv: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-
     from jetmoe.parallel.process_group import close_process_group
     from jetmoe.training.checkpoint import contents, store
-    from jetmoe.training.cli import CONFIG_DIR, register
+    from jetmoe.training.compose import load
     from jetmoe.training.trainer import Trainer
 
-    register()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"parallel.pp={min(3, world)}", *CONFIG, *argv])
-    trainer = Trainer(cfg, Path(tempfile.gettempdir()) / f"jetmoe_bench_checkpoint_{world}").setup()
+    config = load([f"parallel.pp={min(3, world)}", *CONFIG, *argv])
+    trainer = Trainer(config, Path(tempfile.gettempdir()) / f"jetmoe_bench_checkpoint_{world}").setup()
     trainer.train_step()
     module, optimizer, layout, names = trainer.parts.module, trainer.parts.optimizer, trainer.layout, trainer.parts.global_names
     manager = trainer.checkpoint
     root = Path(manager.comm.broadcast(tempfile.mkdtemp(prefix="jetmoe_ckpt_bench_")))
     from jetmoe.plan.params import ModelShape, count_params
 
-    params = count_params(ModelShape.from_config(cfg.model)).total
+    params = count_params(ModelShape.from_config(config.model)).total
 
     def writer_for(step):
         return store.CheckpointWriter(root, step, manager.comm, manager.launch)

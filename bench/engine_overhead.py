@@ -40,9 +40,7 @@ def parse_args():
 
 
 def trainer(args, run_dir: str):
-    from hydra import compose, initialize_config_dir
-
-    from jetmoe.training.cli import CONFIG_DIR, register
+    from jetmoe.training.compose import load
     from jetmoe.training.trainer import Trainer
 
     overrides = [f"model.hidden_size={args.hidden}", f"model.num_hidden_layers={args.layers}",
@@ -52,10 +50,7 @@ def trainer(args, run_dir: str):
                  f"train.global_batch_size={args.micro_batch * args.micro_batches}", "train.precision=fp32",
                  "train.max_steps=1000", "train.eval_every=0", "logging=quiet", "logging.wandb.mode=disabled",
                  "logging.router_every=0", "optim.grad_clip=1.0", "train.compile=false"]
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return Trainer(cfg, run_dir).setup()
+    return Trainer(load(overrides), run_dir).setup()
 
 
 def plain_loop(t):

@@ -15,27 +15,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from jetmoe.model import JetMoEBlock, JetMoEConfig, init_like_transformers, set_document_mask  # noqa: E402
+from jetmoe.plan.hardware import PEAK_TFLOPS as PEAK_BF16_TFLOPS  # noqa: E402, F401 (the one table, by exact name)
+from jetmoe.plan.hardware import device_peak_tflops  # noqa: E402
 from jetmoe.plan.params import ModelShape, block_params  # noqa: E402
 
-# Dense bf16 tensor-core peak per device, by the exact name CUDA reports (a substring would take an H100 PCIe,
-# 756, for an SXM part, 989). Sparse figures on data sheets are twice these.
-PEAK_BF16_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": 989.0,  # SXM5
-    "NVIDIA H100 PCIe": 756.0,
-    "NVIDIA H100 NVL": 835.0,
-    "NVIDIA H200": 989.0,  # SXM
-    "NVIDIA H200 NVL": 835.0,
-    "NVIDIA A100-SXM4-80GB": 312.0,
-    "NVIDIA A100-SXM4-40GB": 312.0,
-    "NVIDIA A100 80GB PCIe": 312.0,
-    "NVIDIA A100-PCIE-40GB": 312.0,
-}
 SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, num_key_value_heads=4, kv_channels=16, intermediate_size=128,
                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
-    return PEAK_BF16_TFLOPS.get(device_name.strip())
+    return device_peak_tflops(device_name.strip())
 
 
 class Env:

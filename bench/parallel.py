@@ -113,23 +113,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step per dp rank (m)")
     args, overrides = parser.parse_known_args(argv)
 
-    from hydra import compose, initialize_config_dir
-
     from jetmoe.model import iter_sparse_layers
     from jetmoe.parallel.expert_dispatch import AllToAllDispatcher
-    from jetmoe.training.cli import CONFIG_DIR, register
+    from jetmoe.training.compose import load
     from jetmoe.training.trainer import Trainer
 
-    register()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = world // args.pp
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=[
-            *TINY, f"parallel.pp={args.pp}", f"parallel.ep={args.ep}", "train.micro_batch_size=1",
-            f"train.global_batch_size={args.micro_batches * dp}", f"train.max_steps={args.steps + 1}",
-            *overrides])
+    config = load([*TINY, f"parallel.pp={args.pp}", f"parallel.ep={args.ep}", "train.micro_batch_size=1",
+                   f"train.global_batch_size={args.micro_batches * dp}", f"train.max_steps={args.steps + 1}",
+                   *overrides])
     out = Path("/tmp") / f"jetmoe_bench_parallel_{world}"
-    trainer = Trainer(cfg, out).setup()
+    trainer = Trainer(config, out).setup()
     engine, layout, mc = trainer.engine, trainer.layout, trainer.model_config
     counters = {id(layer.dispatcher.counter): layer.dispatcher.counter
                 for _, layer in iter_sparse_layers(trainer.parts.module)
@@ -171,7 +166,7 @@ def main(argv: list[str]) -> None:
     if dist.get_rank() == 0:
         steps, m, p = args.steps, args.micro_batches, layout.pp
         a2a, a2a_analytic, a2a_uniform, p2p_bytes = (float(x) / steps for x in totals)
-        tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+        tokens = config.train.micro_batch_size * config.data.seq_len
         p2p_analytic = layout.dp * (p - 1) * m * tokens * (2 * d * element + 8)  # hidden fwd+grad, int64 ids
         theory = (p - 1) / (m + p - 1)
         print(f"layout {layout.describe()} | m={m} micro-batches/step/dp-rank | {tokens} tokens each | "

@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import tiny_config
 from jetmoe.model import JetMoEBlock, init_like_transformers
 from jetmoe.model.router import choose_top_k
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountTopK(TorchDispatchMode):

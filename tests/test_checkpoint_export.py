@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     model, opt, sched, loader = make_run(tiny_config())
     train_steps(model, opt, sched, loader, 2)
-    folder = save(root, 2, model, opt, TrainingState(step=2, scheduler=sched, loader=loader),
+    folder = save(root, 2, model, opt, TrainingState(step=2, states={"scheduler": sched, "data": loader}),
                   model_config=model.config)
     return model.eval(), folder
 
@@ -61,6 +61,7 @@ def test_export_loads_in_transformers_with_training_logits(trained, tmp_path, dt
         assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()
 
 
+@pytest.mark.slow
 def test_cli_refuses_non_empty_output_and_damaged_checkpoint(trained, tmp_path):
     _, folder = trained
     out = tmp_path / "taken"

@@ -15,7 +15,7 @@ from helpers.ckpt_tiny import make_run, tiny_config, train_steps
 
 
 def _save(root, step, model, opt, sched, loader, keep=0, config=None, **kw):
-    state = TrainingState(step=step, scheduler=sched, loader=loader, config={"note": "resolved config"})
+    state = TrainingState(step=step, states={"scheduler": sched, "data": loader}, config={"note": "resolved config"})
     return save(root, step, model, opt, state, model_config=config or model.config, keep=keep, **kw)
 
 
@@ -42,7 +42,7 @@ def test_resumed_losses_equal_uninterrupted_run(tmp_path):
     model, opt, sched, loader = make_run(config, seed=1)  # different init: everything must come from disk
     loader.seed = 0
     folder = resolve("auto", tmp_path)
-    state = TrainingState(scheduler=sched, loader=loader)
+    state = TrainingState(states={"scheduler": sched, "data": loader})
     read_into(folder, model, opt, state)
     assert state.step == 3
     assert first + train_steps(model, opt, sched, loader, 3) == full
@@ -203,7 +203,7 @@ def test_format_1_checkpoint_resumes_exactly_and_is_verified(tmp_path):
 
     model, opt, sched, loader = make_run(config, seed=1)
     loader.seed = 0
-    state = TrainingState(scheduler=sched, loader=loader)
+    state = TrainingState(states={"scheduler": sched, "data": loader})
     read_into(folder, model, opt, state)
     assert state.step == 2 and first + train_steps(model, opt, sched, loader, 3) == full
 
@@ -222,3 +222,47 @@ def test_newer_format_is_refused_with_the_fix(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(JetMoEError, match="newer jetmoe.*upgrade jetmoe"):
         read_into(folder, *make_run(tiny_config())[:2], TrainingState())
+
+
+class _Counters:
+    """A named state, as the trainer and the engine adapter are."""
+
+    def __init__(self, **values):
+        self.values = dict(values)
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = {k: state[k] for k in self.values if k in state}
+
+
+def test_named_states_round_trip_and_older_checkpoints_load_them_from_extra(tmp_path):
+    config = tiny_config()
+    model, opt, sched, loader = make_run(config)
+    train_steps(model, opt, sched, loader, 2)
+    trainer, engine = _Counters(step=2, skipped_total=1), _Counters(global_steps=2, global_samples=16, skipped_steps=1)
+    state = TrainingState(step=2, states={"scheduler": sched, "data": loader, "trainer": trainer, "engine": engine})
+    folder = save(tmp_path, 2, model, opt, state, model_config=config)
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    assert saved["trainer"] == trainer.values and saved["engine"] == engine.values  # each under its own name
+
+    def restored():
+        fresh = {"trainer": _Counters(step=0, skipped_total=0),
+                 "engine": _Counters(global_steps=0, global_samples=0, skipped_steps=0)}
+        read_into(folder, *make_run(config)[:2], TrainingState(states=fresh))
+        return {name: obj.values for name, obj in fresh.items()}
+
+    assert restored() == {"trainer": trainer.values, "engine": engine.values}
+    # as checkpoints before the registry wrote them: the counters flat in `extra`, the step beside them
+    legacy = {k: v for k, v in saved.items() if k not in ("trainer", "engine")}
+    legacy["extra"] = {"skipped_total": 1, **engine.values}
+    path = folder / "trainer_state.json"
+    path.write_text(json.dumps(legacy))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["trainer_state.json"] = {"size": path.stat().st_size, "sha256": folders.sha256_file(path)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folders._KNOWN.clear()
+    assert restored() == {"trainer": trainer.values, "engine": engine.values}
+    with pytest.raises(ValueError, match="trainer_state.json's own keys"):
+        TrainingState(states={"step": trainer})

@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.launch_util import free_port
 from helpers.trainer_small import SMALL
 
 from jetmoe.parallel.process_group import backend_for, served_device_types
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,7 @@ from helpers.launch_util import E2E_LOSSES as LOSSES, E2E_STEPS as STEPS, run_dr
 from jetmoe.errors import JetMoEError
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM, set_document_mask
 from jetmoe.parallel.compile import compile_blocks, compile_enabled
+from jetmoe.training.config import TrainSection
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "helpers" / "compile_e2e.py"
@@ -50,6 +51,7 @@ def test_compiled_training_matches_eager(tmp_path, world, layout):
     assert any((tmp_path / "cache" / "inductor").iterdir())  # Inductor's cache under the data cache
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_eager_gradients():
     """In one process: the objective and every parameter's gradient through the compiled blocks (one graph each,
     MoA and MoE and their router losses) equal eager's, over steps whose routing differs."""
@@ -77,4 +79,36 @@ def test_compile_modes():
     assert compile_enabled("true", cuda=False) and compile_enabled(True, cuda=False)
     assert not compile_enabled("false", cuda=True)
     with pytest.raises(JetMoEError, match="train.compile"):
-        compile_enabled("yes", cuda=True)
+        TrainSection(compile="yes").check()
+
+
+@pytest.mark.slow
+def test_flex_attention_compiles_inside_the_block_graph(monkeypatch):
+    """data.document_mask=true with train.compile: FlexAttention's block mask goes into each compiled block, which
+    stays one graph with no break (nothing inside it compiles again or changes module state). On CPU FlexAttention
+    runs its forward only, so the check is an evaluation forward; the logits equal eager's dense-mask logits."""
+    import torch._dynamo
+
+    from jetmoe.model import masking
+    from jetmoe.parallel.compile import compile_stats
+
+    monkeypatch.setattr(masking, "use_flex", True)
+    config = JetMoEConfig.preset("jetmoe_tiny", hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                 kv_channels=8, intermediate_size=32, vocab_size=128)
+    torch.manual_seed(0)
+    eager = JetMoEForCausalLM(config).eval()
+    set_document_mask(eager, "on")
+    compiled = copy.deepcopy(eager)
+    ids = torch.randint(0, config.vocab_size, (2, 32))
+    pos = torch.cat([torch.arange(12), torch.arange(20)]).expand(2, -1)
+    torch._dynamo.reset()
+    before = compile_stats()
+    compile_blocks(compiled.model.layers)
+    with torch.no_grad():
+        assert isinstance(masking.attention_mask(pos, "on"), masking.FlexMask)
+        got = compiled(ids, position_ids=pos).logits
+        monkeypatch.setattr(masking, "use_flex", False)
+        want = eager(ids, position_ids=pos).logits
+    after = compile_stats()
+    assert after["graphs"] - before["graphs"] == 1 and after["graph_breaks"] == before["graph_breaks"], (before, after)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -165,6 +165,7 @@ def test_compressed_inputs_and_recursive_globs_give_the_same_tokens(tmp_path, tm
         assert np.array_equal(t, tokens["plain"]), name
 
 
+@pytest.mark.slow
 def test_parallel_pre_tokenization_writes_the_same_shards(corpus, tmp_path):
     one = corpus(cache_dir=str(tmp_path / "one"))
     two = corpus(cache_dir=str(tmp_path / "two"), num_proc=2)
@@ -207,6 +208,7 @@ def test_a_killed_pre_tokenization_resumes_to_the_same_bytes(corpus, tmp_path, m
     assert cache_files(cfg) == cache_files(clean)
 
 
+@pytest.mark.slow
 def test_a_two_task_array_fills_one_cache(corpus, tmp_path):
     cfg = corpus()
     data_units = plan_mixture(cfg, VOCAB).all_units()
@@ -307,18 +309,11 @@ def test_model_special_tokens_must_match_the_tokenizer(corpus):
     build_data(cfg, VOCAB, MAX_POS, special_tokens=(None, 0))
 
 
-def test_the_8b_recipe_has_the_papers_phases_and_requires_a_tokenizer(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from jetmoe.training.cli import CONFIG_DIR, register
-    from jetmoe.training.config import data_config
-
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["+experiment=jetmoe_8b_96xh100"] + [
-            f"data.sources.{n}.path=/x" for n in ("refinedweb", "github", "pile", "pes2o", "arxiv", "openwebmath",
-                                                   "wikipedia", "math", "textbook", "nl_sft", "code_sft")])
-    data = data_config(cfg)
+@pytest.mark.slow
+def test_the_8b_recipe_has_the_papers_phases_and_requires_a_tokenizer(tmp_path, run_config):
+    data = run_config("+experiment=jetmoe_8b_96xh100", *[
+        f"data.sources.{n}.path=/x" for n in ("refinedweb", "github", "pile", "pes2o", "arxiv", "openwebmath",
+                                               "wikipedia", "math", "textbook", "nl_sft", "code_sft")], needs=()).data
     spec = parse_mixture(data.sources, data.phases)
     phases = spec.describe()
     assert [p["start_step"] for p in phases] == [0, 238419]

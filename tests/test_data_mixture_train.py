@@ -17,6 +17,8 @@ from helpers.data_mixture import mixture_overrides
 from helpers.launch_util import free_port, metrics
 from helpers.trainer_small import SMALL
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = Path(__file__).resolve().parents[1]
 G, SEQ = 8, 32  # trainer_small's global batch and sequence length
 

@@ -185,6 +185,7 @@ _BUILDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_build_the_cache_once(tmp_path, files_cfg):
     write_jsonl(tmp_path / "a.jsonl", synthetic_docs(2000))
     cfg = files_cfg(str(tmp_path / "a.jsonl"))
@@ -216,6 +217,7 @@ def test_torchrun_ranks_build_once_and_slice_the_same_global_batches(tmp_path, f
     assert result == {"ok": True, "builders": 1}
 
 
+@pytest.mark.slow
 def test_parallel_tokenization_gives_the_same_tokens(tmp_path, files_cfg):
     write_jsonl(tmp_path / "a.jsonl", synthetic_docs(3000, seed=2))
     path = str(tmp_path / "a.jsonl")

@@ -7,8 +7,11 @@ import torch
 
 from jetmoe.model import JetMoEBlock, JetMoEForCausalLM, init_like_transformers
 from jetmoe.training.determinism import set_deterministic
-from tests.helpers.accumulating_ops import AccumulatingOps
-from tests.helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.accumulating_ops import AccumulatingOps
+from helpers.model_hf import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def deterministic():

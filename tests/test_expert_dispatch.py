@@ -1,6 +1,7 @@
 """The all-to-all dispatcher computes exactly what one process holding every expert computes,
 forward and backward, on 2 gloo ranks with uneven (and empty) splits."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -85,5 +86,6 @@ def _worker(rank, world, tokens_per_rank):
     assert d.counter.bytes_sent == 8 * (remote_out + remote_in) * (D + 3 * D_OUT)
 
 
+@pytest.mark.slow
 def test_all_to_all_dispatch_matches_one_process():
     spawn(_worker, 2, [7, 3])

@@ -1,10 +1,13 @@
 """DeepSpeed PipelineEngine + ZeRO-1 with ep=2 inside dp=2 and dp=4 trains exactly like one process
 with the same global batch; reducing expert gradients over the dense dp group instead is caught."""
 
+import pytest
 import torch
 
 from helpers.expert_engine import run
 from helpers.expert_spawn import spawn
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 STEPS = 3
 LR = 3e-3  # helpers/expert_engine.py

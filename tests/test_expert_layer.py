@@ -72,6 +72,7 @@ def _worker(rank, world, include_attention):
         torch.testing.assert_close(counts[name], ref_counts[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("include_attention", [True, False])
 def test_expert_parallel_layer_matches_one_process(include_attention):
     spawn(_worker, 2, include_attention)

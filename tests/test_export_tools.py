@@ -16,6 +16,8 @@ import torch
 from jetmoe import JetMoEForCausalLM
 from jetmoe.data.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]

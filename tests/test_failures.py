@@ -93,29 +93,39 @@ def test_watchdog_stops_its_rank_when_another_rank_recorded_a_failure():
     assert said == ["rank 0: stopping because rank 1 failed: RuntimeError: boom"]
 
 
+def _polls(dog: Watchdog, n: int) -> None:
+    """Wait until the watchdog has made `n` more checks."""
+    target = dog.polls + n
+    wait_for(lambda: dog.polls >= target, 10, f"{n} watchdog checks", poll=0.01)
+
+
 def test_watchdog_ignores_its_own_failure_record():
     server, client = _store()
     said = []
     dog = Watchdog(rank=1, stall_warn_s=0, store=client, poll_s=0.05, on_peer_failure=said.append).start()
     failures._claim(server, 1, "RuntimeError: mine")
-    time.sleep(0.3)
-    dog.stop()
+    try:
+        _polls(dog, 3)  # checks that read the record
+    finally:
+        dog.stop()
     assert said == []
 
 
-def _stalled_here(seconds: float) -> None:
-    time.sleep(seconds)
+def _stalled_here(out: io.StringIO, seconds: float = 0.05) -> None:
+    deadline = time.monotonic() + 10
+    while "stall:" not in out.getvalue() and time.monotonic() < deadline:  # stalled until reported
+        time.sleep(seconds)
 
 
 def test_stall_report_names_step_phase_and_the_main_thread_stack_once_per_stall():
     out = io.StringIO()
-    dog = Watchdog(rank=3, stall_warn_s=0.2, poll_s=0.05, out=out).start()
+    dog = Watchdog(rank=3, stall_warn_s=0.5, poll_s=0.05, out=out).start()
     try:
         dog.progress(7, "evaluate")
-        _stalled_here(0.6)
+        _stalled_here(out)
         first = out.getvalue()
         dog.progress(8)
-        time.sleep(0.1)  # progress again: no new report before another stall_warn_s
+        _polls(dog, 2)  # progress again: no new report before another stall_warn_s
         assert out.getvalue() == first
     finally:
         dog.stop()

@@ -14,7 +14,6 @@ import torch
 from jetmoe.model.experts import grouped_mm_path
 from jetmoe.training import trainer as trainer_module
 from jetmoe.training.determinism import set_deterministic
-from test_train_units import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +37,7 @@ class _Stop(Exception):
     pass
 
 
-def test_deterministic_workspace_is_set_before_the_process_group_touches_cuda(tmp_path, monkeypatch):
+def test_deterministic_workspace_is_set_before_the_process_group_touches_cuda(tmp_path, monkeypatch, run_config):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seen = {}
 
@@ -48,7 +47,7 @@ def test_deterministic_workspace_is_set_before_the_process_group_touches_cuda(tm
         raise _Stop
 
     monkeypatch.setattr(trainer_module, "init_process_group", first_device_work)
-    cfg = compose_cfg("train.deterministic=true", "logging.wandb.mode=disabled")
+    cfg = run_config("train.deterministic=true", "logging.wandb.mode=disabled")
     try:
         with pytest.raises(_Stop):
             trainer_module.Trainer(cfg, tmp_path).setup()

@@ -41,6 +41,7 @@ def test_two_nodes_on_loopback_train_one_pipeline(tmp_path):
     ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2 must be below NNODES=2"),
     ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two' is not a number"),
 ])
+@pytest.mark.slow
 def test_torchrun_sh_rejects_bad_environment(env, message):
     out = subprocess.run([str(ROOT / "launch/torchrun.sh")], env=launch_env(**env), capture_output=True, text=True,
                          timeout=30)

@@ -5,7 +5,9 @@ import torch
 
 from jetmoe.model import JetMoEForCausalLM, attach_aux_loss
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
-from helpers.model_hf import hf_twin, one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import hf_twin, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
     "base": {},

@@ -8,7 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from jetmoe.errors import JetMoEError
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
-from helpers.model_hf import hf_config, one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import hf_config, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

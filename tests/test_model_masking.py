@@ -7,9 +7,10 @@ import torch
 from jetmoe.model import JetMoEForCausalLM, set_document_mask
 from jetmoe.errors import JetMoEError
 from jetmoe.model import masking
-from tests.helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import tiny_config
 
-pytestmark = pytest.mark.skipif(masking.flex_attention is None, reason="this torch has no FlexAttention")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(masking.flex_attention is None, reason="this torch has no FlexAttention")]
 
 
 def _positions():
@@ -21,7 +22,6 @@ def _positions():
 @pytest.fixture
 def flex_on_cpu(monkeypatch):
     monkeypatch.setattr(masking, "use_flex", True)
-    monkeypatch.setattr(masking, "_last", None)
 
 
 def test_dense_mask_keeps_documents_apart_and_causal():

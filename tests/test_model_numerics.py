@@ -1,10 +1,13 @@
 """bf16 numerics: our model in bf16 strays from its own fp32 result no more than transformers' JetMoe strays
 from its fp32 result on the same weights (the router, its gates and the slot sum run in fp32 here)."""
 
+import pytest
 import torch
 
 from jetmoe.model import JetMoEForCausalLM
-from tests.helpers.model_hf import hf_twin, one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import hf_twin, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bf16_error(model, ids):

@@ -2,10 +2,13 @@
 
 import math
 
+import pytest
 import torch
 
 from jetmoe.model import JetMoEForCausalLM, LocalDispatcher, TopKRouter, grouped_linear, router_loss
-from helpers.model_hf import one_thread, tiny_config  # noqa: F401 (fixture)
+from helpers.model_hf import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def paper_losses(logits, top_k):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
-from jetmoe.model.model import JetMoEBlock
+from jetmoe.model.model import JetMoEBlock, block_inputs
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.plan.memory import block_activation_bytes, checkpointed_block_bytes, head_activation_bytes
 from jetmoe.plan.params import ModelShape
@@ -47,7 +47,7 @@ def test_block_activation_bytes(name, dtype, documents):
     hidden = (leaf * 1.0).to(dtype)  # a non-leaf input, as between blocks
     # packed documents restart their position ids; the block then masks attention across them
     position_ids = torch.cat([torch.arange(40), torch.arange(seq - 40)]).expand(batch, seq) if documents else None
-    got = saved_bytes(lambda: block(hidden, position_ids), list(block.parameters()))
+    got = saved_bytes(lambda: block(hidden, *block_inputs(cfg, hidden, position_ids)), list(block.parameters()))
     want = block_activation_bytes(ModelShape.from_config(cfg), batch, seq, hidden.element_size(),
                                   document_mask=documents)
     assert want == pytest.approx(got, rel=0.02)

@@ -24,6 +24,7 @@ def plan(capsys, *overrides: str) -> tuple[str, dict]:
     return "\n".join(out[:-1]), json.loads(out[-1])
 
 
+@pytest.mark.slow
 def test_cli_prints_table_then_one_json_line():
     out = subprocess.run([sys.executable, "train/plan.py", "+experiment=jetmoe_8b_96xh100"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

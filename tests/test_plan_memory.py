@@ -22,9 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 
-from plan import compose_config  # noqa: E402
+from plan import NEEDS  # noqa: E402
 
 from jetmoe.plan import inputs_from_config, make_plan  # noqa: E402
+from jetmoe.training.compose import load  # noqa: E402
 from jetmoe.plan.memory import Precision  # noqa: E402
 
 # Big enough that the model's tensors dominate; layouts chosen so that activations in flight decide
@@ -41,7 +42,7 @@ LAYOUTS = {
 
 
 def predicted_mib(overrides: list[str], gpus: int) -> list[float]:
-    inputs = inputs_from_config(compose_config(overrides + [f"cluster.gpus={gpus}"]))
+    inputs = inputs_from_config(load(overrides + [f"cluster.gpus={gpus}"], NEEDS))
     inputs = dataclasses.replace(inputs, precision=dataclasses.replace(Precision.named("fp32"), adam_temporaries=2))
     return [m.peak / 2**20 for m in make_plan(inputs).memory]
 

@@ -248,20 +248,19 @@ def test_bad_values_are_one_line_before_anything_starts(tmp_path, override, mess
 
 
 def test_check_values_covers_every_numeric_key():
-    from omegaconf import OmegaConf
+    import dataclasses
 
-    from jetmoe.training.validate import check_values
+    from jetmoe.training.config import OptimSection, TrainSection
 
-    base = {"train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 2, "micro_batch_size": 1},
-            "optim": {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 0}}
-    check_values(OmegaConf.create(base))
+    base = {"train": TrainSection(lr=1e-3, max_steps=1, global_batch_size=2, micro_batch_size=1),
+            "optim": OptimSection(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, warmup_steps=0)}
+    for section in base.values():
+        section.check()
     for section, key, bad in [("optim", "beta1", 1.0), ("optim", "beta2", -0.1), ("optim", "eps", 0.0),
                               ("optim", "weight_decay", -1), ("optim", "warmup_steps", -1),
                               ("train", "global_batch_size", 0), ("train", "lr", float("inf"))]:
-        cfg = OmegaConf.create(base)
-        cfg[section][key] = bad
         with pytest.raises(JetMoEError, match=f"{section}.{key}="):
-            check_values(cfg)
+            dataclasses.replace(base[section], **{key: bad}).check()
 
 
 def test_unwritable_run_directory_is_one_line(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from helpers.launch_util import ROOT, TINY_RUN, metrics, wait_for  # noqa: E402
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # sbatch, sinfo, scontrol: processes
 
 
 def run(*cmd: str, timeout: float = 30) -> str:

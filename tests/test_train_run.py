@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from helpers.trainer_small import SMALL  # noqa: E402
 from helpers.trainer_wandb import history  # noqa: E402
 
 from jetmoe.training.metrics import REQUIRED_KEYS  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,49 +1,36 @@
 """Plan a layout before spending GPU hours on it.
 
-    python train/plan.py [overrides] cluster.gpus=N [cluster.gpu=h100|a100|h200] [cluster.mfu=0.35]
+    python train/plan.py [overrides] cluster.gpus=N [cluster.gpu=h100|h100_pcie|h100_nvl|h200|a100] [cluster.mfu=0.35]
     python train/plan.py +experiment=jetmoe_8b_96xh100
+    python train/plan.py --config-dir /my/conf +experiment=mine      (or hydra.searchpath=[file:///my/conf])
 
-Composes the same Hydra config as train/pretrain.py, prints a table (parameters, memory per GPU,
-FLOPs, communication, bubble, throughput, warnings, suggestions) and, as its last line, one JSON object.
-Needs no GPU and no process group.
+Composes the same config as train/pretrain.py, prints a table (parameters, memory per GPU, FLOPs,
+communication, bubble, throughput, warnings, suggestions) and, as its last line, one JSON object.
+Needs no GPU and no process group; data paths may stay unset.
 """
 
 import sys
 
-
-def compose_config(overrides: list[str]):
-    """The config train/pretrain.py would run with these overrides."""
-    from hydra import compose, initialize_config_dir
-
-    from jetmoe.training.cli import CONFIG_DIR, register
-
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+NEEDS = ("model", "train", "optim", "parallel", "cluster")  # the sections whose keys must be set and valid
 
 
 def main(argv: list[str]) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from jetmoe.errors import JetMoEError
+    from jetmoe.log import get_logger
     from jetmoe.plan import inputs_from_config, json_line, make_plan, render
+    from jetmoe.training.compose import load
 
+    logger = get_logger("plan")
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
+        logger.info(__doc__.strip())
         return 0
     try:
-        cfg = compose_config(argv)
-        plan = make_plan(inputs_from_config(cfg))
+        plan = make_plan(inputs_from_config(load(argv, NEEDS)))
     except JetMoEError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error(f"error: {e}")
         return 2
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: bad override or config: {first}", file=sys.stderr)
-        return 2
-    print(render(plan))
-    print(json_line(plan), flush=True)
+    logger.info(render(plan))
+    logger.info(json_line(plan))
     return 0
 
 

@@ -15,8 +15,12 @@ from pathlib import Path
 
 import matplotlib
 
+from jetmoe.log import get_logger
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+logger = get_logger("plot")
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -71,13 +75,14 @@ def plot_expert_load(rows, out: Path) -> Path | None:
     if last is None:
         return None
     router = last["router"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, kind, title in zip(axes, ("moa", "moe"), ("attention experts (MoA)", "MLP experts (MoE)")):
+    kinds = [key.removeprefix("share_") for key in router if key.startswith("share_")]  # the rows name the routers
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
         share = router[f"share_{kind}"]
         image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
-        ax.set_title(title)
+        ax.set_title(f"{kind} experts")
         fig.colorbar(image, ax=ax, label="share of routed tokens")
     fig.suptitle(f"expert load at step {last['step']}")
     return _save(fig, out / "expert_load.png")
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
                plot_expert_load(rows, out)]
     for path in written:
         if path is not None:
-            print(path)
+            logger.info(str(path))
     return 0
 
 

@@ -2,7 +2,9 @@
 """Fill the tokenized-data cache ahead of a (multi-node) job: `python train/pretokenize.py [overrides]`.
 
 Takes the same overrides as train/pretrain.py (data=..., data.path=..., data.tokenizer=..., model=...,
-data.cache_dir=...) and prints tokens, documents, throughput and the cache path. Point data.cache_dir
+data.cache_dir=...), and your own config files the same way (--config-dir /my/conf or
+hydra.searchpath=[file:///my/conf], then data=mydata or +experiment=mine), and prints tokens, documents,
+throughput and the cache path. Point data.cache_dir
 at a shared filesystem to tokenize once for all nodes, or run this once per node on a local one.
 
 With data=mixture it fills the sharded cache with data.num_proc processes (default: every core this
@@ -14,6 +16,8 @@ disjoint share of the input files; launch/pretokenize.sbatch runs N such tasks a
 import os
 import sys
 import time
+
+NEEDS = ("model", "data")  # the sections whose keys must be set and valid
 
 
 def _task_args(argv: list[str]) -> tuple[int, int, list[str]]:
@@ -46,77 +50,57 @@ def _task_args(argv: list[str]) -> tuple[int, int, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return 0
     from jetmoe.errors import JetMoEError
+    from jetmoe.log import get_logger
+    from jetmoe.training.compose import load
 
+    logger = get_logger("pretokenize")
+    if any(a in ("-h", "--help") for a in argv):
+        logger.info(__doc__.strip())
+        return 0
     try:
         task, tasks, argv = _task_args(argv)
-        cfg = _compose(argv)
-        if cfg.data.name == "mixture":
-            return _pretokenize_mixture(cfg, task, tasks)
-        return _pretokenize(cfg)
+        config = load(argv, NEEDS)
+        if config.data.name == "mixture":
+            return _pretokenize_mixture(config, task, tasks, logger)
+        return _pretokenize(config, logger)
     except JetMoEError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error(f"error: {e}")
         return 2
 
 
-def _compose(argv: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from jetmoe.errors import JetMoEError
-    from jetmoe.training.cli import CONFIG_DIR, _one_line, register
-
-    register()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=argv)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise JetMoEError(f"bad override: {_one_line(e)}") from None
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k.startswith(("data.", "model.")))
-    if missing:
-        raise JetMoEError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line")
-    return cfg
-
-
-def _pretokenize(cfg) -> int:
+def _pretokenize(config, logger) -> int:
     from jetmoe.data import build_data
-    from jetmoe.training.config import data_config
 
     start = time.perf_counter()
-    data = build_data(data_config(cfg), int(cfg.model.vocab_size), int(cfg.model.max_position_embeddings),
-                      log=lambda line: print(line, flush=True))
+    mc = config.model
+    data = build_data(config.data, mc.vocab_size, mc.max_position_embeddings, log=logger.info)
     s = data.stats
     meta_line = "built now" if s["built"] else "already cached"
-    print(f"{meta_line}: {s['num_documents']:,} documents, {s['num_tokens']:,} tokens, "
-          f"{s['train_samples']:,} train / {s['valid_samples']:,} valid samples of {data.cfg.seq_len} tokens, "
-          f"tokenizer {data.tokenizer.name} ({data.tokenizer.vocab_size} tokens), "
-          f"{s['num_tokens'] / (time.perf_counter() - start):,.0f} tokens/s overall")
-    print(f"cache: {s['cache']}")
+    logger.info(f"{meta_line}: {s['num_documents']:,} documents, {s['num_tokens']:,} tokens, "
+                f"{s['train_samples']:,} train / {s['valid_samples']:,} valid samples of {data.cfg.seq_len} tokens, "
+                f"tokenizer {data.tokenizer.name} ({data.tokenizer.vocab_size} tokens), "
+                f"{s['num_tokens'] / (time.perf_counter() - start):,.0f} tokens/s overall")
+    logger.info(f"cache: {s['cache']}")
     return 0
 
 
-def _pretokenize_mixture(cfg, task: int, tasks: int) -> int:
+def _pretokenize_mixture(config, task: int, tasks: int, logger) -> int:
     from jetmoe.data.mixture_build import pretokenize_mixture
-    from jetmoe.training.config import data_config
 
-    data_cfg = data_config(cfg)
-    data_cfg.validate(int(cfg.model.max_position_embeddings))
-    r = pretokenize_mixture(data_cfg, int(cfg.model.vocab_size), task, tasks, log=lambda line: print(line, flush=True),
-                            special_tokens=(cfg.model.bos_token_id, cfg.model.eos_token_id))
-    print(f"task {task} of {tasks}: {r['files']} files, {r['tokens']:,} tokens tokenized now in {r['seconds']:.1f}s "
-          f"({r['tokens_per_sec']:,.0f} tokens/s)")
+    mc = config.model
+    r = pretokenize_mixture(config.data, mc.vocab_size, task, tasks, log=logger.info,
+                            special_tokens=(mc.bos_token_id, mc.eos_token_id))
+    logger.info(f"task {task} of {tasks}: {r['files']} files, {r['tokens']:,} tokens tokenized now in "
+                f"{r['seconds']:.1f}s ({r['tokens_per_sec']:,.0f} tokens/s)")
     if r["busy"]:
-        print(f"{len(r['busy'])} file(s) were being tokenized by another process: {', '.join(r['busy'][:3])}")
+        logger.info(f"{len(r['busy'])} file(s) were being tokenized by another process: {', '.join(r['busy'][:3])}")
     if r["missing_files"]:
-        print(f"cache {r['cache']}: {r['missing_files']} of {r['total_files']} files still to tokenize by other tasks")
+        logger.info(f"cache {r['cache']}: {r['missing_files']} of {r['total_files']} files still to tokenize by "
+                    "other tasks")
     else:
         s = r["stats"]
-        print(f"cache complete: {r['cache']}: {s['shards']} shards; tokens per source {s['num_tokens']}")
+        logger.info(f"cache complete: {r['cache']}: {s['shards']} shards; tokens per source {s['num_tokens']}")
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from jetmoe.data.cache import build_once
-from jetmoe.data.config import DataConfig, resolve_cache_dir, resolve_user_path
+from jetmoe.data.config import DataConfig
+from jetmoe.paths import resolve_cache_dir, resolve_user_path
 from jetmoe.data.loader import EvalLoader, RankLoader
 from jetmoe.data.packing import PackedDataset, auto_num_proc, open_token_cache, split_windows, write_token_cache
 from jetmoe.data.sources import Source, make_source

@@ -1,10 +1,8 @@
-"""The `data` section of the training config, and how its paths are resolved."""
+"""The `data` section of the training config (its paths are resolved by jetmoe.paths)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from jetmoe.errors import JetMoEError
@@ -78,30 +76,3 @@ class DataConfig:
             raise JetMoEError(f"data.sources / data.phases need data=mixture (data.name is {self.name!r})")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise JetMoEError(f"data.max_tokens={self.max_tokens} must be positive (or null for no limit)")
-
-
-def original_cwd() -> Path:
-    """The directory the user launched from (Hydra may have been told to chdir into the run dir)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.utils import get_original_cwd
-
-        if HydraConfig.initialized():
-            return Path(get_original_cwd())
-    except ImportError:
-        pass
-    return Path.cwd()
-
-
-def resolve_user_path(path: str) -> Path:
-    p = Path(os.path.expanduser(str(path)))
-    return p if p.is_absolute() else original_cwd() / p
-
-
-def resolve_cache_dir(cache_dir: Optional[str]) -> Path:
-    if cache_dir:
-        return resolve_user_path(cache_dir)
-    env = os.environ.get("JETMOE_CACHE_DIR")
-    if env:
-        return resolve_user_path(env)
-    return Path.home() / ".cache" / "jetmoe"

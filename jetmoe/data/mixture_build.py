@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from jetmoe.data.config import DataConfig, resolve_cache_dir, resolve_user_path
+from jetmoe.data.config import DataConfig
+from jetmoe.paths import resolve_cache_dir, resolve_user_path
 from jetmoe.data.mixture import MixtureData, split_source
 from jetmoe.data.mixture_config import MixtureSpec, parse_mixture
 from jetmoe.data.shards import (Unit, check_tokenizer_record, iter_texts, plan_units, read_done, token_dtype,

@@ -54,7 +54,7 @@ def _digest(*parts) -> str:
 
 def plan_units(spec: SourceSpec) -> list[Unit]:
     """The input units of one source (stat only, nothing read); a bad path names the source."""
-    from jetmoe.data.config import resolve_user_path
+    from jetmoe.paths import resolve_user_path
     from jetmoe.data.sources import expand_files
 
     paths = spec.path if isinstance(spec.path, (list, tuple)) else [spec.path]

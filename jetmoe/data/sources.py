@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from jetmoe.data.config import DataConfig, resolve_user_path
+from jetmoe.data.config import DataConfig
+from jetmoe.paths import resolve_user_path
 from jetmoe.errors import JetMoEError
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

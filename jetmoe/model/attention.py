@@ -31,7 +31,6 @@ class MoA(SparseLayer):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = dropout
-        self.document_mask = "auto"  # see jetmoe.model.masking: "auto", "on" or "off"
         self.experts = AttentionExperts(hidden_size, num_kv_heads * head_dim, num_experts, top_k)
         self.kv_proj = nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=False)
         self._init_sparse(num_experts, top_k)
@@ -42,8 +41,9 @@ class MoA(SparseLayer):
     output_linear = property(lambda self: self.experts.output_linear)
     bias = property(lambda self: self.experts.bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask=None) -> tuple[torch.Tensor, RouterLoss]:
+        """rope: the rotary (cos, sin) of x's positions; mask: see jetmoe.model.masking (None: causal)."""
         b, t, d = x.shape
         h, hd, k = self.num_kv_heads, self.head_dim, self.top_k
         flat = x.reshape(b * t, d)
@@ -56,7 +56,7 @@ class MoA(SparseLayer):
         # kv head i: the same pairing as transformers' tiling of the kv heads over the k slots.
         q = q.view(b, t, k, h, hd).permute(0, 3, 2, 1, 4).reshape(b, h * k, t, hd)
         key, value = self.kv_proj(x).view(b, t, 2, h, hd).permute(2, 0, 3, 1, 4)
-        q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
+        q, key = apply_rotary(q, *rope), apply_rotary(key, *rope)
 
         attn = attend(q, key, value, mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=k > 1)
         attn = attn.view(b, h, k, t, hd).permute(0, 3, 2, 1, 4).reshape(b * t * k, h * hd)

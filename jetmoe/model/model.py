@@ -4,8 +4,10 @@
     logits   = lm_head(norm(blocks(embed(ids))))
     loss     = lm_loss + aux_loss_coef * sum_r balance_r + z_loss_coef * sum_r z_r   (r: every router)
 
-Every sparse layer returns its router losses with its output; the model keeps no per-step state.
-Parallelism (pipeline stages, expert dispatch, activation recompute) wraps these modules from outside.
+Every sparse layer returns its router losses with its output; the model keeps no per-step state. The rotary
+angles and the attention mask depend on the positions alone: `block_inputs` computes them once per forward (of
+the model, or of a pipeline stage) and every block receives them. Parallelism (pipeline stages, expert dispatch,
+activation recompute) wraps these modules from outside.
 """
 
 from __future__ import annotations
@@ -17,19 +19,23 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from jetmoe.errors import JetMoEError
 from jetmoe.model.attention import MoA
 from jetmoe.model.config import JetMoEConfig
 from jetmoe.model.experts import GroupedExperts
 from jetmoe.model.layers import RMSNorm, default_position_ids, rotary_cos_sin
 from jetmoe.model.loss import aux_loss, causal_lm_loss, shift_labels, sum_router_losses
-from jetmoe.model.masking import attention_mask
+from jetmoe.model.masking import MODES, attention_mask
 from jetmoe.model.moe import MoE, SparseLayer
 from jetmoe.model.router import RouterLoss
 
 # transformers builds both block norms with its RMSNorm default eps, not config.rms_norm_eps (which only
 # the final norm uses). Kept so that checkpoints behave identically in both libraries.
 BLOCK_NORM_EPS = 1e-6
-ATTENTION, MLP = "self_attention", "mlp"  # a block's sparse layers, in the order its forward returns their losses
+# A block's sparse layers, in the order its forward returns their router losses: transformers' module names, and
+# the router kinds that statistics and plots are keyed by.
+ATTENTION, MLP = "self_attention", "mlp"
+ROUTER_KINDS = ("moa", "moe")
 
 
 class JetMoEBlock(nn.Module):
@@ -45,23 +51,39 @@ class JetMoEBlock(nn.Module):
         self.mlp = MoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
                        config.num_experts_per_tok)
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None
+    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask=None
                 ) -> tuple[torch.Tensor, tuple[RouterLoss, RouterLoss]]:
-        """(new hidden, (the MoA router's losses, the MoE router's losses))."""
-        mask = attention_mask(position_ids, self.self_attention.document_mask)  # None position ids: causal
-        if position_ids is None:
-            position_ids = default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device)
-        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
-        return self.layers_forward(hidden, cos, sin, mask)
-
-    def layers_forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask
-                       ) -> tuple[torch.Tensor, tuple[RouterLoss, RouterLoss]]:
-        """The block's layers, given the rotary angles and the attention mask: what train.compile compiles (the
-        angles come in as inputs; traced inside, Inductor would recompute pow/sin/cos for every element)."""
-        attended, attention_loss = self.self_attention(self.input_layernorm(hidden), cos, sin, mask)
+        """(new hidden, (the MoA router's losses, the MoE router's losses)). rope and mask come from `block_inputs`
+        (the model computes them once for all its blocks); a block called on its own with neither attends causally
+        over positions 0..T-1. What train.compile compiles: the angles come in as inputs (traced inside, Inductor
+        would recompute pow/sin/cos for every element)."""
+        if rope is None:
+            rope = rotary_cos_sin(default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device),
+                                  self.head_dim, self.rope_theta, hidden.dtype)
+        attended, attention_loss = self.self_attention(self.input_layernorm(hidden), rope, mask)
         hidden = hidden + attended
         mixed, mlp_loss = self.mlp(self.post_attention_layernorm(hidden))
         return hidden + mixed, (attention_loss, mlp_loss)
+
+
+def block_inputs(config: JetMoEConfig, hidden: torch.Tensor, position_ids: torch.Tensor | None,
+                 document_mask: str = "auto"):
+    """(rope, mask) shared by every block of one forward: the rotary (cos, sin) of the positions (0..T-1 when
+    None) and the attention mask that `document_mask` asks for (jetmoe.model.masking; None: plain causal)."""
+    mask = attention_mask(position_ids, document_mask)
+    if position_ids is None:
+        position_ids = default_position_ids(hidden.shape[0], hidden.shape[1], hidden.device)
+    return rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, hidden.dtype), mask
+
+
+def set_document_mask(model: nn.Module, mode: str | bool) -> None:
+    """How the model (every JetMoEModel inside `model`) masks documents: True/"on", False/"off" or "auto"."""
+    mode = {True: "on", False: "off"}.get(mode, mode)
+    if mode not in MODES:
+        raise JetMoEError(f"document_mask={mode!r} is unknown; use one of {', '.join(MODES)}")
+    for sub in model.modules():
+        if isinstance(sub, JetMoEModel):
+            sub.document_mask = mode
 
 
 # The parts outside the blocks, built the same way by the model and by a pipeline stage.
@@ -84,14 +106,16 @@ class JetMoEModel(nn.Module):
         self.embed_tokens = make_embedding(config)
         self.layers = nn.ModuleList(JetMoEBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_final_norm(config)
+        self.document_mask = "auto"  # "auto", "on" or "off": see jetmoe.model.masking (set_document_mask)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, RouterLoss]]:
         """(final hidden states, {sparse layer name: its router losses})."""
         hidden = self.embed_tokens(input_ids)
+        rope, mask = block_inputs(self.config, hidden, position_ids, self.document_mask)
         router_losses = {}
         for i, block in enumerate(self.layers):
-            hidden, (attention_loss, mlp_loss) = block(hidden, position_ids)
+            hidden, (attention_loss, mlp_loss) = block(hidden, rope, mask)
             router_losses[f"model.layers.{i}.{ATTENTION}"] = attention_loss
             router_losses[f"model.layers.{i}.{MLP}"] = mlp_loss
         return self.norm(hidden), router_losses

@@ -1,8 +1,8 @@
 """Regional torch.compile of the transformer blocks (`train.compile`), applied from outside the model.
 
-Each JetMoEBlock's layers (its norms, MoA and MoE: `layers_forward`) are one graph, compiled in place (parameter
-names unchanged). Every block runs the same code, so Dynamo's cache on that code serves them all: one
-compilation, whatever the number of blocks or stages.
+Each JetMoEBlock's forward (its norms, MoA and MoE, given the rotary angles and the mask that the model or the
+stage computed once) is one graph, compiled in place (parameter names unchanged). Every block runs the same code,
+so Dynamo's cache on that code serves them all: one compilation, whatever the number of blocks or stages.
 Activation recompute wraps the compiled forward (compile first, then `apply_activation_checkpointing`).
 
 Nothing whose size depends on routing enters a graph, so steps whose expert counts differ reuse the same
@@ -16,7 +16,6 @@ Inductor's cache goes under the data cache directory (`<cache>/inductor`), so a 
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -24,19 +23,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from jetmoe.errors import JetMoEError
-
-MODES = ("auto", "true", "false")
 COMPILE_TIME_KEYS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
-log = logging.getLogger(__name__)
 
 
 def compile_enabled(mode, cuda: bool) -> bool:
     """`train.compile`: auto (on with CUDA; off on CPU, where bench/model_cpu.py measured 4-5% per step, not
     worth 10-20 s of compiling in the short runs a CPU does), true, false."""
-    mode = {True: "true", False: "false"}.get(mode, str(mode).lower())
-    if mode not in MODES:
-        raise JetMoEError(f"train.compile={mode!r} is unknown; use auto, true or false")
+    mode = {True: "true", False: "false"}.get(mode, str(mode).lower())  # a choice the train section checked
     return cuda if mode == "auto" else mode == "true"
 
 
@@ -52,14 +45,14 @@ def use_cache_dir(cache_dir: str | Path) -> Path:
 
 
 def compile_blocks(blocks: Iterable[nn.Module]) -> int:
-    """Compile each block's layers (`JetMoEBlock.layers_forward`: norms, MoA, MoE; one graph per block) in place;
-    returns how many blocks. The rotary angles and the attention mask are computed outside, in eager, and come in
-    as inputs. Call before activation checkpointing, which then recomputes the compiled block."""
+    """Compile each block's forward (norms, MoA, MoE; one graph per block) in place; returns how many blocks. The
+    rotary angles and the attention mask are computed outside, in eager, and come in as inputs. Call before
+    activation checkpointing, which then recomputes the compiled block."""
     n = 0
     for block in blocks:
-        if not getattr(block.layers_forward, "_jetmoe_compiled", False):
-            block.layers_forward = torch.compile(block.layers_forward)
-            block.layers_forward._jetmoe_compiled = True
+        if not getattr(block.forward, "_jetmoe_compiled", False):
+            block.forward = torch.compile(block.forward)
+            block.forward._jetmoe_compiled = True
         n += 1
     return n
 

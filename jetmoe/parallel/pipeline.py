@@ -10,7 +10,9 @@ Each stage layer is a thin adapter of the `(hidden, position_ids)` tuple that cr
 the model's modules, held under the same attribute path as in `JetMoEForCausalLM` below `model_prefix`:
 transformers' name of any parameter is `model_prefix + its name inside the adapter`. LayerSpecs make each
 rank build only its own stage. A block attaches its routers' aux loss to its output's gradient
-(`attach_aux_loss`) and hands the detached losses to `on_router_loss`: nothing else crosses a stage.
+(`attach_aux_loss`) and hands the detached losses to `on_router_loss`: nothing else crosses a stage. The first
+block of a stage computes the rotary angles and the attention mask once (`block_inputs`) and hands them on to the
+stage's other blocks beside the tuple; the last block of the stage drops them again.
 """
 
 from __future__ import annotations
@@ -24,19 +26,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from jetmoe.model import (
-    ATTENTION,
-    MLP,
+    ROUTER_KINDS,
     JetMoEBlock,
     JetMoEConfig,
     RouterLoss,
     attach_aux_loss,
     aux_loss,
+    block_inputs,
     init_like_transformers,
     linear_causal_lm_loss,
     make_embedding,
     make_final_norm,
     make_lm_head,
-    set_document_mask,
 )
 from jetmoe.model.experts import GroupedExperts
 from jetmoe.parallel.compile import compile_blocks
@@ -44,9 +45,7 @@ from jetmoe.parallel.deepspeed_internals import BlockCountPipelineModule
 from jetmoe.parallel.topology import Layout, split_blocks
 
 TIED_KEY = "embed"
-ROUTERS = (ATTENTION, MLP)  # a block's routers, in the order its forward returns their losses
-
-# on_router_loss(layer index, router index in ROUTERS, detached losses of one micro-batch)
+# on_router_loss(layer index, router index in ROUTER_KINDS, detached losses of one micro-batch)
 RouterLossHook = Callable[[int, int, RouterLoss], None]
 
 
@@ -82,11 +81,16 @@ def stage_logits(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 class BlockStage(nn.Module):
     model_prefix = "model."
 
-    def __init__(self, config: JetMoEConfig, layer_idx: int, grad_scale: float, on_router_loss: RouterLossHook | None):
-        """grad_scale: 1 / micro-batches per step, the scale DeepSpeed applies to the LM loss's gradient."""
+    def __init__(self, config: JetMoEConfig, layer_idx: int, grad_scale: float, on_router_loss: RouterLossHook | None,
+                 document_mask: str = "off", opens_stage: bool = True, closes_stage: bool = True):
+        """grad_scale: 1 / micro-batches per step, the scale DeepSpeed applies to the LM loss's gradient.
+        opens_stage / closes_stage: the first / last block of its pipeline stage."""
         super().__init__()
         self.layers = nn.ModuleDict({str(layer_idx): JetMoEBlock(config, layer_idx)})
         self.layer_idx = layer_idx
+        self.config = config
+        self.document_mask = document_mask
+        self.opens_stage, self.closes_stage = opens_stage, closes_stage
         self.coefs = (config.aux_loss_coef, config.z_loss_coef)
         self.grad_scale = grad_scale
         self.on_router_loss = on_router_loss
@@ -96,15 +100,19 @@ class BlockStage(nn.Module):
         return self.layers[str(self.layer_idx)]
 
     def forward(self, inputs):
-        hidden, position_ids = inputs
-        hidden, losses = self.block(hidden, position_ids)
+        if self.opens_stage:
+            hidden, position_ids = inputs
+            shared = block_inputs(self.config, hidden, position_ids, self.document_mask)  # (rope, mask)
+        else:
+            hidden, position_ids, shared = inputs
+        hidden, losses = self.block(hidden, *shared)
         if self.training and torch.is_grad_enabled():
             aux = sum(aux_loss(l.balance, l.z, *self.coefs) for l in losses)
             hidden = attach_aux_loss(hidden, aux, self.grad_scale)
         if self.training and self.on_router_loss is not None:
             for router, loss in enumerate(losses):
                 self.on_router_loss(self.layer_idx, router, RouterLoss(*(t.detach() for t in loss)))
-        return hidden, position_ids
+        return (hidden, position_ids) if self.closes_stage else (hidden, position_ids, shared)
 
 
 class FinalNormStage(nn.Module):
@@ -175,16 +183,18 @@ def _on_device(spec_class):
 
 
 def layer_specs(config: JetMoEConfig, grad_scale: float, on_router_loss: RouterLossHook | None,
-                device: torch.device, dtype: torch.dtype) -> list:
+                device: torch.device, dtype: torch.dtype, block_counts: list[int], document_mask: str = "off") -> list:
     from deepspeed.runtime.pipe.module import LayerSpec, TiedLayerSpec
 
     layer, tied_layer = _on_device(LayerSpec), _on_device(TiedLayerSpec)
     at = (device, dtype)
+    ends = [sum(block_counts[:s + 1]) for s in range(len(block_counts))]  # one past each stage's last block
     tied = config.tie_word_embeddings
     embed = (tied_layer(*at, TIED_KEY, EmbeddingStage, config, tied_weight_attr=["embed_tokens.weight"])
              if tied else layer(*at, EmbeddingStage, config))
     specs = [embed]
-    specs += [layer(*at, BlockStage, config, i, grad_scale, on_router_loss) for i in range(config.num_hidden_layers)]
+    specs += [layer(*at, BlockStage, config, i, grad_scale, on_router_loss, document_mask, i == 0 or i in ends,
+                    i + 1 in ends) for i in range(config.num_hidden_layers)]
     specs.append(layer(*at, FinalNormStage, config))
     if tied:
         specs.append(tied_layer(*at, TIED_KEY, EmbeddingStage, config, forward_fn=tied_head,
@@ -205,7 +215,8 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology on rank 0
         module = BlockCountPipelineModule(
             counts,
-            layers=layer_specs(config, grad_scale, on_router_loss, torch.device(device), dtype),
+            layers=layer_specs(config, grad_scale, on_router_loss, torch.device(device), dtype, counts,
+                               "on" if document_mask else "off"),
             topology=topology,
             loss_fn=head_loss,
             activation_checkpoint_interval=0,
@@ -213,7 +224,6 @@ def build_pipeline(config: JetMoEConfig, layout: Layout, topology, partition, se
     module.block_counts = counts
     module.global_names = global_param_names(module)
     init_like_transformers(module, config.initializer_range, seed, module.global_names)
-    set_document_mask(module, document_mask)  # known up front: no per-block check of the position ids
     if compile:
         compile_blocks(stage_blocks(module))
     return module

@@ -1,8 +1,7 @@
-"""Read the planner's inputs from the same composed (typed) Hydra config train/pretrain.py uses."""
+"""Read the planner's inputs from the same typed run config train/pretrain.py uses."""
 
 from typing import Any
 
-from jetmoe.errors import JetMoEError
 from jetmoe.plan.hardware import gpu_spec
 from jetmoe.plan.layout import ClusterLayout
 from jetmoe.plan.memory import Precision
@@ -14,11 +13,10 @@ def _partition(value: Any) -> Any:
     return value if isinstance(value, str) else [int(x) for x in value]
 
 
-def inputs_from_config(cfg: Any) -> PlanInputs:
-    """cfg: the run config (jetmoe.training.config.RunConfig), composed by Hydra with cluster.gpus set."""
-    model, data, train, par, cluster = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.cluster
-    if cluster.gpus in (None, "???"):
-        raise JetMoEError("the planner needs the cluster size: add cluster.gpus=N (e.g. cluster.gpus=96)")
+def inputs_from_config(config: Any) -> PlanInputs:
+    """config: the typed run config (jetmoe.training.config.RunConfig) of the same command line train/pretrain.py
+    takes; the planner reads its model, data (seq_len, document_mask), train, parallel and cluster sections."""
+    model, data, train, par, cluster = config.model, config.data, config.train, config.parallel, config.cluster
     precision = "bf16" if train.precision == "auto" else train.precision  # auto means bf16 on a GPU
     return PlanInputs(
         shape=ModelShape.from_config(model),
@@ -38,5 +36,5 @@ def inputs_from_config(cfg: Any) -> PlanInputs:
         precision=Precision.named(str(precision).lower()),
         checkpointing=bool(model.gradient_checkpointing or par.activation_checkpointing),
         document_mask=bool(data.document_mask),
-        storage_gbps=float(cluster.get("storage_gbps", 2.0)),
+        storage_gbps=float(cluster.storage_gbps),
     )

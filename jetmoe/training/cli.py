@@ -1,14 +1,23 @@
-"""Entry point behind train/pretrain.py: argv clean-up for launchers, override checking, Hydra app."""
+"""Entry point behind train/pretrain.py: argv clean-up for launchers, the config composed, converted and checked
+once before anything starts, then the run inside Hydra's job (run directory, job logging).
+
+Hydra's own flags (-m for a sweep or a Slurm launcher, --cfg, --help, ...) hand the command line to Hydra's main,
+which composes it and calls the same job; --config-dir/-cd and --config-name/-cn work either way
+(jetmoe.training.compose).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
+from jetmoe.training.compose import CONFIG_DIR, PRIMARY, compose, split_args
+
+logger = get_logger(__name__)
+NOT_RANK0 = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -29,134 +38,92 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def run_stamp() -> str:
-    """Run-directory stamp shared by all ranks a launcher started on one node: JETMOE_RUN_STAMP if set,
-    else the launcher's (parent process's) start time when several ranks run, else now."""
-    if os.environ.get("JETMOE_RUN_STAMP"):
-        return os.environ["JETMOE_RUN_STAMP"]
-    when = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        when = _parent_start_time() or when
-    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(when))
+def load_run(argv: list[str]):
+    """(the composed config with Hydra's node, the typed and checked RunConfig): everything a run is refused
+    for is found here, before a directory is made."""
+    from jetmoe.training.config import RunConfig
+    from jetmoe.training.validate import check_writable
 
-
-def _parent_start_time() -> float | None:
-    try:
-        ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def register() -> None:
-    """Schema and resolvers; call before composing configs/ (plan.py and tests do too)."""
-    from omegaconf import OmegaConf
-
-    from jetmoe.training.config import register_configs
-
-    register_configs()
-    if not OmegaConf.has_resolver("jetmoe_run_stamp"):
-        OmegaConf.register_new_resolver("jetmoe_run_stamp", run_stamp, use_cache=True)
-
-
-def _plain_overrides(argv: list[str]) -> list[str] | None:
-    """The overrides worth checking up front, or None when Hydra flags (--cfg, -m, ...) are present."""
-    if any(a.startswith("-") for a in argv):
-        return None
-    return [a for a in argv if not a.lstrip("+~").startswith("hydra") or a.startswith("hydra.run.dir=")]
-
-
-def check_overrides(argv: list[str]) -> None:
-    """Compose once with the user's overrides so that a typo fails as one line, not Hydra's report."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    from jetmoe.errors import JetMoEError
-
-    overrides = _plain_overrides(argv)
-    if overrides is None:
-        return
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-            run_dir = cfg.hydra.run.dir
-            with open_dict(cfg):
-                del cfg["hydra"]  # Hydra's own keys hold values only its run fills in
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise JetMoEError(f"bad override: {_one_line(e)} (list the keys with: python train/pretrain.py --cfg job)")
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise JetMoEError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line")
-    from jetmoe.training.validate import check_values, check_writable
-
-    check_values(cfg)
+    cfg = compose(argv, with_hydra=True)
+    config = RunConfig.from_composed(cfg).check()
     if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the run directory
-        check_writable(run_dir)
+        check_writable(cfg.hydra.run.dir)
+    return cfg, config
 
 
-def _one_line(e: BaseException) -> str:
-    parts = []
-    while e is not None:
-        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()
-                        and not line.strip().startswith(("full_key:", "object_type=", "reference_type=")))
-        text = text.split(" Config search path:")[0]
-        if text and "$VALUE" not in text and text not in parts:
-            parts.append(text)
-        e = e.__cause__ or e.__context__
-    return ": ".join(parts)
+def _job(config):
+    """Hydra's task function: the run in the run directory Hydra made (config None: convert Hydra's own)."""
+
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from jetmoe.log import reclaim
+        from jetmoe.training.config import RunConfig
+        from jetmoe.training.failures import fail
+        from jetmoe.training.trainer import run
+
+        reclaim()  # Hydra's job logging has just been configured (on ranks other than 0: every logger disabled)
+        logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op-builder gcc chatter
+        try:
+            run(config or RunConfig.from_composed(cfg).check(), HydraConfig.get().runtime.output_dir)
+        except Exception as e:  # any rank: printed with its rank, peers told, the job ends (failures.py)
+            fail(e)
+
+    return task
+
+
+def _run_job(cfg, config) -> None:
+    """The run as Hydra's main would run it (run directory, job logging, callbacks), without composing again."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import open_dict
+
+    with open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.RUN
+    callbacks = Callbacks(cfg)
+    ret = run_job(task_function=_job(config), config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                  hydra_context=HydraContext(config_loader=None, callbacks=callbacks))
+    _ = ret.return_value  # raises what the job raised
+
+
+def _hydra_main(argv: list[str]) -> None:
+    """Hydra's own flags: its main parses them, composes and runs the job (or a sweep of jobs)."""
+    import hydra
+
+    sys.argv = [sys.argv[0]] + argv
+    hydra.main(config_path=str(CONFIG_DIR), config_name=PRIMARY, version_base=None)(_job(None))()
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0]] + strip_local_rank(sys.argv[1:])
+    argv = strip_local_rank(sys.argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"  # say it, rather than have DeepSpeed warn that it guessed
-    from jetmoe.errors import JetMoEError
-
-    register()
-    try:
-        check_overrides(sys.argv[1:])
-    except JetMoEError as e:
-        _fail(e)
     if os.environ.get("RANK", "0") != "0":
-        # Only rank 0 writes the run directory; the others keep Hydra's files and logs out of it.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
-    def app(cfg) -> None:
-        from omegaconf import OmegaConf
-
-        from jetmoe.training.failures import fail
-        from jetmoe.training.trainer import run
-
-        logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op-builder gcc chatter
-        try:
-            missing = sorted(OmegaConf.missing_keys(cfg))
-            if missing:
-                raise JetMoEError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line")
-            run(cfg, HydraConfig.get().runtime.output_dir)
-        except Exception as e:  # any rank: printed with its rank, peers told, the job ends (failures.py)
-            fail(e)
-
+        argv += NOT_RANK0  # only rank 0 writes the run directory; the others keep Hydra's files and logs out of it
     try:
-        app()
+        try:
+            hydra_flags = split_args(argv).others
+            if not hydra_flags:
+                cfg, config = load_run(argv)
+        except JetMoEError as e:
+            _fail(e)
+        if hydra_flags:
+            from jetmoe.training.compose import register
+
+            register()
+            _hydra_main(argv)
+        else:
+            _run_job(cfg, config)
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handler is in place (start-up): nothing to save yet
-        print("interrupted (SIGINT) before training started; nothing was saved", file=sys.stderr, flush=True)
+        logger.error("interrupted (SIGINT) before training started; nothing was saved")
         sys.exit(130)
 
 
 def _fail(e: BaseException) -> None:
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    logger.error(f"error: {e}")  # rank 0's line; every rank exits
     sys.exit(2)

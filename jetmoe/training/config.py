@@ -1,6 +1,11 @@
-"""The structured Hydra config: one dataclass per section, so a misspelt key fails with Hydra's
-"not in struct" message. The `model` and `data` sections are generated from the model's and the
-data pipeline's own dataclasses, so they can never drift from what those packages accept."""
+"""The run config: one dataclass per section, each with the one `check()` of its ranges and choices.
+
+Hydra composes against `RunSchema` (so a misspelt key fails with "not in struct"); `RunConfig.from_composed`
+converts the composed config once into typed objects, and every part of the code receives the sections it
+needs: the model's own `JetMoEConfig`, the data pipeline's own `DataConfig`, and the sections below. The
+`model` and `data` schemas are generated from those two dataclasses, so they never drift from what the model
+and the data pipeline accept; their checks are their own (`JetMoEConfig.validate`, `DataConfig.validate`).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from jetmoe.data import DataConfig
 from jetmoe.errors import JetMoEError
+from jetmoe.model import JetMoEConfig
+from jetmoe.training.validate import in_range, one_of
 
 _PLAIN = (int, float, bool, str)
 _SAMPLE_PROMPTS = ("The history of", "Once upon a time", "In mathematics, a", "The city is known for")
+SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "logging", "cluster")
 
 
 def _omegaconf_type(tp: Any) -> Any:
@@ -50,24 +59,12 @@ def _schema_from(cls: type, name: str, extra: list[tuple]) -> type:
     return dataclasses.make_dataclass(name, extra + fields)
 
 
-def _model_schema() -> type:
-    from jetmoe.model import JetMoEConfig
-
-    extra = [
-        ("name", str, field(default="jetmoe_tiny")),  # the preset this group file was written from
-        ("init_from", Optional[str], field(default=None)),  # transformers directory to start from
-    ]
-    return _schema_from(JetMoEConfig, "ModelSection", extra)
-
-
-def _data_schema() -> type:
-    from jetmoe.data import DataConfig
-
-    return _schema_from(DataConfig, "DataSection", [])
-
-
-ModelSection = _model_schema()
-DataSection = _data_schema()
+MODEL_EXTRA = [
+    ("name", str, field(default="jetmoe_tiny")),  # the preset this group file was written from
+    ("init_from", Optional[str], field(default=None)),  # transformers directory to start from
+]
+ModelSection = _schema_from(JetMoEConfig, "ModelSection", MODEL_EXTRA)
+DataSection = _schema_from(DataConfig, "DataSection", [])
 
 
 @dataclass
@@ -93,6 +90,28 @@ class TrainSection:
     sample_temperature: float = 0.8
     profile_steps: List[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
 
+    def check(self) -> None:
+        from jetmoe.training.profiling import profile_window
+
+        in_range("train.lr", self.lr, 0, example="5e-4")
+        in_range("train.max_steps", self.max_steps, 1, example="200")
+        in_range("train.global_batch_size", self.global_batch_size, 1, example="16")
+        in_range("train.micro_batch_size", self.micro_batch_size, 1, example="4")
+        in_range("train.eval_every", self.eval_every, 0, example="100 (0 = never)")
+        in_range("train.eval_batches", self.eval_batches, 1, example="4")
+        in_range("train.log_every", self.log_every, 1, example="10")
+        in_range("train.max_skipped_steps", self.max_skipped_steps, 1, example="5")
+        in_range("train.stall_warn_s", self.stall_warn_s, 0, example="600 (0 = off)")
+        one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        one_of("train.compile", str(self.compile).lower(), ("auto", "true", "false"))
+        if self.sample_every < 0:
+            raise JetMoEError(f"train.sample_every={self.sample_every} is negative; use 0 (off) or a number of steps")
+        if self.sample_every and (not self.sample_prompts or self.sample_tokens < 1 or self.sample_temperature <= 0):
+            raise JetMoEError("train.sample_every is on but train.sample_prompts is empty, train.sample_tokens < 1 "
+                              "or train.sample_temperature <= 0; give prompts, tokens >= 1, temperature > 0")
+        profile_window(self.profile_steps)
+
 
 @dataclass
 class OptimSection:
@@ -108,6 +127,22 @@ class OptimSection:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
 
+    def check(self) -> None:
+        from jetmoe.training.optimizer import OPTIMIZERS
+        from jetmoe.training.schedules import DECAY_SHAPES, SCHEDULES
+
+        one_of("optim.name", self.name, OPTIMIZERS)
+        one_of("optim.schedule", self.schedule, SCHEDULES)
+        one_of("optim.decay_shape", self.decay_shape, DECAY_SHAPES)
+        in_range("optim.warmup_steps", self.warmup_steps, 0, example="20")
+        in_range("optim.decay_fraction", self.decay_fraction, 0, 1, "0.1", high_ok=True)
+        in_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1, "0.1", low_ok=False, high_ok=True)
+        in_range("optim.weight_decay", self.weight_decay, 0, example="0.1")
+        in_range("optim.beta1", self.beta1, 0, 1, "0.9")
+        in_range("optim.beta2", self.beta2, 0, 1, "0.95")
+        in_range("optim.eps", self.eps, 0, example="1e-8", low_ok=False)
+        in_range("optim.grad_clip", self.grad_clip, 0, example="1.0 (0 = no clipping)")
+
 
 @dataclass
 class ParallelSection:
@@ -117,6 +152,16 @@ class ParallelSection:
     partition: Any = "uniform"  # uniform | parameters | flops | [blocks on stage 0, blocks on stage 1, ...]
     activation_checkpointing: bool = False  # recompute each block in backward
     timeout_s: int = 1800  # collective timeout; a dead peer ends the job after this
+
+    def check(self) -> None:
+        in_range("parallel.pp", self.pp, 1, example="1")
+        in_range("parallel.ep", self.ep, 1, example="1")
+        in_range("parallel.timeout_s", self.timeout_s, 0, example="1800", low_ok=False)
+        if isinstance(self.partition, str):
+            one_of("parallel.partition", self.partition.lower(), ("uniform", "parameters", "flops"))
+        elif not isinstance(self.partition, list) or not all(isinstance(n, int) for n in self.partition):
+            raise JetMoEError(f"parallel.partition={self.partition!r} is not uniform, parameters, flops or a list "
+                              "of blocks per stage, e.g. parallel.partition=[9,8,7]")
 
 
 @dataclass
@@ -128,7 +173,18 @@ class CheckpointSection:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, forever (0 = off)
     verify: str = "full"  # full: size + sha256 of each file a rank reads on resume | size: sizes only
     data_changed: str = "stop"  # resuming onto other data: stop | continue (weights, optimizer, step; new data order)
-    # checkpoint.async (null = on with CUDA, off on CPU) is added in register_configs: `async` is a keyword
+    # the key `checkpoint.async` (`async` is a Python keyword): true | false | null (= on with CUDA): write in a
+    # background thread
+    async_: Optional[bool] = None
+
+    def check(self) -> None:
+        in_range("checkpoint.every", self.every, 0, example="100 (0 = only on a stop signal)")
+        in_range("checkpoint.keep", self.keep, 0, example="2 (0 = all)")
+        in_range("checkpoint.keep_every", self.keep_every, 0, example="1000 (0 = off)")
+        one_of("checkpoint.verify", self.verify, ("full", "size"))
+        one_of("checkpoint.data_changed", self.data_changed, ("stop", "continue"))
+        if self.async_ is not None and not isinstance(self.async_, bool):
+            raise JetMoEError(f"checkpoint.async={self.async_} is not a boolean; use true, false or null (auto)")
 
 
 @dataclass
@@ -149,20 +205,39 @@ class LoggingSection:
     console: bool = True
     tensorboard: bool = False  # also write the scalars to <run dir>/tensorboard
 
+    def check(self) -> None:
+        one_of("logging.wandb.mode", self.wandb.mode, ("offline", "online", "disabled"))
+        in_range("logging.router_every", self.router_every, 0, example="10 (0 = never)")
+
 
 @dataclass
 class ClusterSection:
     gpus: int = 1
-    gpu: str = "h100"  # h100 | a100 | h200 (peak tables in jetmoe.training.metrics)
-    peak_tflops: Optional[float] = None  # per device; None = table by gpu (CPU runs report no MFU)
+    gpu: str = "h100"  # the planner's part: h100 | h100_pcie | h100_nvl | h200 | a100 (jetmoe.plan.hardware)
+    peak_tflops: Optional[float] = None  # per device; None = the table's entry for the part (training: the device
+    #                                      it runs on, by exact name; CPU runs and unknown parts report no MFU)
     mfu: float = 0.35  # planner's assumption
     gpu_memory_gib: Optional[float] = None  # None = table by gpu
     gpus_per_node: int = 8
     storage_gbps: float = 2.0  # planner: checkpoint write bandwidth per node, GB/s
 
+    def check(self) -> None:
+        from jetmoe.plan.hardware import gpu_spec
+
+        in_range("cluster.gpus", self.gpus, 1, example="96")
+        in_range("cluster.gpus_per_node", self.gpus_per_node, 1, example="8")
+        in_range("cluster.mfu", self.mfu, 0, 1, "0.35", low_ok=False, high_ok=True)
+        in_range("cluster.storage_gbps", self.storage_gbps, 0, example="2.0", low_ok=False)
+        for key, value in (("cluster.peak_tflops", self.peak_tflops), ("cluster.gpu_memory_gib", self.gpu_memory_gib)):
+            if value is not None:
+                in_range(key, value, 0, example="989", low_ok=False)
+        gpu_spec(self.gpu)  # a part the table knows
+
 
 @dataclass
-class RunConfig:
+class RunSchema:
+    """What Hydra composes against (`run_schema`, first in config.yaml's defaults)."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -174,53 +249,88 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Make the schema known to Hydra as `run_schema` (config.yaml lists it first in its defaults)."""
-    node = OmegaConf.structured(RunConfig)
+    """Make the schema known to Hydra as `run_schema`."""
+    node = OmegaConf.structured(RunSchema)
     with open_dict(node.checkpoint):
-        node.checkpoint["async"] = None  # true | false | null (= on with CUDA): write in a background thread
+        del node.checkpoint["async_"]
+        node.checkpoint["async"] = None
+    # Mixture sources are named by the user (data.sources.<any name>.path=...): new names are welcome there.
+    OmegaConf.set_struct(node.data.sources, False)
     ConfigStore.instance().store(name="run_schema", node=node)
 
 
-def use_cuda(cfg: DictConfig) -> bool:
-    device = cfg.train.device
-    if device not in ("auto", "cpu", "cuda"):
-        raise JetMoEError(f"train.device={device!r} is unknown; use auto, cpu or cuda")
+@dataclass
+class RunConfig:
+    """The composed config, typed and checked: each part of the code gets the sections it needs."""
+
+    model: JetMoEConfig
+    data: DataConfig
+    train: TrainSection
+    optim: OptimSection
+    parallel: ParallelSection
+    checkpoint: CheckpointSection
+    logging: LoggingSection
+    cluster: ClusterSection
+    init_from: Optional[str] = None  # model.init_from: a transformers directory to start from
+    resolved: dict = field(default_factory=dict)  # every key as composed and resolved: for the record
+
+    @classmethod
+    def from_composed(cls, cfg: DictConfig, needs: tuple[str, ...] = SECTIONS) -> "RunConfig":
+        """Convert once. `needs`: the sections whose missing (`???`) keys are an error for this command."""
+        ours = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's node resolves in its job
+        missing = sorted(k for k in OmegaConf.missing_keys(ours) if k.split(".")[0] in needs)
+        if missing:
+            raise JetMoEError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line")
+        plain = OmegaConf.to_container(ours, resolve=True, throw_on_missing=False)
+        absent = [s for s in SECTIONS if not isinstance(plain.get(s), dict)]
+        if absent:
+            raise JetMoEError(f"the config has no {', '.join(absent)} section; a primary config of your own starts "
+                              "from ours: defaults: [config, _self_]")
+        model = dict(plain["model"])
+        model.pop("name", None)
+        init_from = model.pop("init_from", None)
+        checkpoint = dict(plain["checkpoint"])
+        checkpoint["async_"] = checkpoint.pop("async", None)
+        logging = dict(plain["logging"])
+        logging["wandb"] = WandbSection(**logging["wandb"])
+        try:
+            return cls(model=JetMoEConfig.from_dict(model), data=DataConfig.from_any(plain["data"]),
+                       train=TrainSection(**plain["train"]), optim=OptimSection(**plain["optim"]),
+                       parallel=ParallelSection(**plain["parallel"]), checkpoint=CheckpointSection(**checkpoint),
+                       logging=LoggingSection(**logging), cluster=ClusterSection(**plain["cluster"]),
+                       init_from=init_from, resolved=plain)
+        except TypeError as e:  # a key the sections do not have (a primary config without our schema)
+            raise JetMoEError(f"config does not fit the schema ({e}); start your primary config from ours: "
+                              "defaults: [config, _self_]") from None
+
+    def check(self, sections: tuple[str, ...] = SECTIONS) -> "RunConfig":
+        """Every range and choice of these sections, and what one section requires of another."""
+        if "model" in sections:
+            self.model.validate()
+        if "data" in sections:
+            self.data.validate(self.model.max_position_embeddings)
+        for name in ("train", "optim", "parallel", "checkpoint", "logging", "cluster"):
+            if name in sections:
+                getattr(self, name).check()
+        if "train" in sections and self.train.sample_every:
+            from jetmoe.training.sampling import prompt_window
+
+            prompt_window([[0]], self.train.sample_tokens, self.model.max_position_embeddings, 0)
+        return self
+
+
+def use_cuda(train: TrainSection) -> bool:
+    """train.device resolved against this machine."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    if train.device == "cuda" and not torch.cuda.is_available():
         raise JetMoEError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
 
 
-def precision(cfg: DictConfig) -> str:
-    p = cfg.train.precision
-    if p not in ("auto", "fp32", "bf16"):
-        raise JetMoEError(f"train.precision={p!r} is unknown; use auto, fp32 or bf16")
-    if p == "auto":
-        return "bf16" if use_cuda(cfg) else "fp32"
-    return p
+def precision(train: TrainSection, cuda: bool) -> str:
+    """train.precision resolved: auto is bf16 on a GPU, fp32 on a CPU."""
+    if train.precision == "auto":
+        return "bf16" if cuda else "fp32"
+    return train.precision
 
-
-def model_config(cfg: DictConfig):
-    """The JetMoEConfig described by the `model` section."""
-    from jetmoe.model import JetMoEConfig
-
-    d = OmegaConf.to_container(cfg.model, resolve=True)
-    d.pop("name", None)
-    d.pop("init_from", None)
-    mc = JetMoEConfig.from_dict(d)
-    if hasattr(mc, "validate"):
-        mc.validate()
-    return mc
-
-
-def data_config(cfg: DictConfig):
-    """The DataConfig described by the `data` section."""
-    from jetmoe.data import DataConfig
-
-    d = OmegaConf.to_container(cfg.data, resolve=True)
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise JetMoEError(f"unknown data key(s) {unknown}; known keys: {sorted(known)}")
-    return DataConfig(**d)

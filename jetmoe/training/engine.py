@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
@@ -17,20 +16,19 @@ from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
 from jetmoe.parallel.deepspeed_internals import add_bf16_grads_without_temporary
 from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
-from jetmoe.data.config import resolve_user_path
-from jetmoe.training.config import precision, use_cuda
+from jetmoe.paths import resolve_user_path
+from jetmoe.training.config import OptimSection, ParallelSection, TrainSection
 from jetmoe.training.optimizer import build_optimizer, param_groups
 
 
-def deepspeed_config(cfg: DictConfig, dp: int) -> dict:
+def deepspeed_config(train: TrainSection, optim: OptimSection, dp: int, bf16: bool) -> dict:
     """DeepSpeed's config generated from ours; `train.deepspeed_config` (a JSON file) overrides values."""
-    gas = micro_batches_per_step(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
-    bf16 = precision(cfg) == "bf16"
+    gas = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, dp)
     ds = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": 1},
         # fp32 ZeRO-1 skips a step whose gradient norm is not finite; bf16 must be asked to. Each bf16 gradient
         # is added into the fp32 sum as backward produces it, then freed (no whole-stage zero and add sweeps).
@@ -46,7 +44,7 @@ def deepspeed_config(cfg: DictConfig, dp: int) -> dict:
         # fp32 master weights) and over the data-parallel ranks; by default DeepSpeed would do both in bf16.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
-    path = cfg.train.deepspeed_config
+    path = train.deepspeed_config
     if path:
         path = str(resolve_user_path(path))
         try:
@@ -74,15 +72,33 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def compile_on(cfg: DictConfig) -> bool:
-    """train.compile resolved; when on, Inductor's cache goes under the data cache directory."""
-    from jetmoe.data.config import resolve_cache_dir
+def compile_on(mode: str, cuda: bool, cache_dir: str | None) -> bool:
+    """train.compile resolved; when on, Inductor's cache goes under the data cache directory (data.cache_dir)."""
+    from jetmoe.paths import resolve_cache_dir
     from jetmoe.parallel.compile import compile_enabled, use_cache_dir
 
-    on = compile_enabled(cfg.train.compile, use_cuda(cfg))
+    on = compile_enabled(mode, cuda)
     if on:
-        use_cache_dir(resolve_cache_dir(cfg.data.get("cache_dir")))
+        use_cache_dir(resolve_cache_dir(cache_dir))
     return on
+
+
+class EngineCounters:
+    """The PipelineEngine's own step counters, as a checkpoint's named state (state_dict / load_state_dict)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        e = self.engine
+        return {"global_steps": int(e.global_steps), "global_samples": int(e.global_samples),
+                "skipped_steps": int(e.skipped_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        e = self.engine
+        e.global_steps = int(state.get("global_steps", e.global_steps))
+        e.global_samples = int(state.get("global_samples", e.global_samples))
+        e.skipped_steps = int(state.get("skipped_steps", e.skipped_steps))
 
 
 @dataclass
@@ -103,37 +119,36 @@ class EngineParts:
         return self.module.global_names
 
 
-def build_engine(cfg: DictConfig, model_config, layout: Layout, on_router_loss: RouterLossHook | None) -> EngineParts:
-    """This rank's stage, initialised identically for every layout, with experts spread over ep, wrapped in
-    DeepSpeed's PipelineEngine with ZeRO-1."""
+def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSection, model_config, layout: Layout, *,
+                 device: torch.device, bf16: bool, compiled: bool, document_mask: bool, seq_len: int,
+                 on_router_loss: RouterLossHook | None) -> EngineParts:
+    """This rank's stage, built on `device` and initialised identically for every layout, with experts spread over
+    ep, wrapped in DeepSpeed's PipelineEngine with ZeRO-1. compiled: train.compile resolved (compile_on)."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, layout.dp)
+    ds_config = deepspeed_config(train, optim, layout.dp, bf16)
     gas = ds_config["gradient_accumulation_steps"]
-    partition = cfg.parallel.partition
+    partition = parallel.partition
     if not isinstance(partition, str):
         partition = list(partition)
-    torch.manual_seed(cfg.train.seed)
-    compiled = compile_on(cfg)
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda(cfg) else torch.device("cpu")
-    dtype = torch.bfloat16 if precision(cfg) == "bf16" else torch.float32
-    module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, cfg.train.seed,
-                            grad_scale=1.0 / gas, on_router_loss=on_router_loss,
-                            document_mask=bool(cfg.data.document_mask), compile=compiled, device=device, dtype=dtype,
-                            seq_len=cfg.data.seq_len)
+    torch.manual_seed(train.seed)
+    module = build_pipeline(model_config, layout, deepspeed_topology(layout), partition, train.seed,
+                            grad_scale=1.0 / gas, on_router_loss=on_router_loss, document_mask=document_mask,
+                            compile=compiled, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
+                            seq_len=seq_len)
     initialize = deepspeed.initialize
     if layout.ep > 1:
         # After the full expert weights are initialised (so every layout starts from the same weights) and
         # before the optimizer sees any parameter.
         ep_group, ep_rank = expert.create_expert_groups(layout.ep, layout.pp)
-        expert.apply_expert_parallel(module, ep_group, ep_rank, layout.ep, include_attention=cfg.parallel.ep_attention)
+        expert.apply_expert_parallel(module, ep_group, ep_rank, layout.ep, include_attention=parallel.ep_attention)
         initialize = expert.expert_aware_initialize
-    if cfg.parallel.activation_checkpointing or model_config.gradient_checkpointing:
+    if parallel.activation_checkpointing or model_config.gradient_checkpointing:
         apply_activation_checkpointing(stage_blocks(module))  # after expert parallelism: it wraps its dispatchers
-    groups = param_groups(module, cfg.optim.weight_decay)
+    groups = param_groups(module, optim.weight_decay)
     if layout.ep > 1:
         groups = expert.moe_param_groups(groups)
-    optimizer, scheduler = build_optimizer(cfg, groups)
+    optimizer, scheduler = build_optimizer(optim, train, groups)
     engine, _, _, _ = initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if getattr(engine.optimizer, "immediate_grad_update", False):
         add_bf16_grads_without_temporary(engine.optimizer)

@@ -14,6 +14,9 @@ import sys
 import traceback
 
 from jetmoe.errors import JetMoEError
+from jetmoe.log import EVERY_RANK, get_logger
+
+logger = get_logger(__name__)
 
 # torchrun restarts workers against the same store: each attempt has its own key
 FAILED_KEY = f"jetmoe/failed/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -72,16 +75,16 @@ def fail(exc: BaseException) -> None:
     if store is None:  # single process, or not yet connected: every rank fails alike, rank 0 speaks
         if isinstance(exc, JetMoEError):
             if rank == 0:
-                print(f"error: {summary}", file=sys.stderr, flush=True)
+                logger.error(f"error: {summary}")
             _exit(code)
         raise exc
     first, message = _claim(store, rank, summary)
     if first != rank:
         if message != summary:  # a consequence (a closed connection) or the same error elsewhere: one line
-            print(f"rank {rank}: stopping because rank {first} failed: {message}", file=sys.stderr, flush=True)
+            logger.error(f"rank {rank}: stopping because rank {first} failed: {message}", extra=EVERY_RANK)
         _exit(code)
     if not isinstance(exc, JetMoEError):
         lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
         sys.stderr.write("".join(f"[rank {rank}] {line}" for chunk in lines for line in chunk.splitlines(True)))
-    print(f"error (rank {rank}): {summary}", file=sys.stderr, flush=True)
+    logger.error(f"error (rank {rank}): {summary}", extra=EVERY_RANK)
     _exit(code)

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from jetmoe.log import get_logger, set_progress_bar
+from jetmoe.plan.hardware import device_peak_tflops
 from jetmoe.plan.params import ModelShape, count_params
 from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
 from jetmoe.training import wandb_run
@@ -24,8 +25,8 @@ from jetmoe.training.sampling import format_samples
 from jetmoe.training.tensorboard_log import TensorBoardLogger
 from jetmoe.training.wandb_run import start_wandb
 
+logger = get_logger(__name__)
 SAMPLES_FILE = "samples.jsonl"
-PEAK_TFLOPS_BF16 = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
 # Every row of metrics.jsonl carries at least these: the run directory's contract (README, 'Run directory').
 REQUIRED_KEYS = ("step", "lm_loss", "aux_loss", "balance_loss", "z_loss", "loss", "lr", "grad_norm", "tokens",
@@ -39,12 +40,14 @@ def flops_per_token(config, seq_len: int) -> float:
     return float(dense + attention)
 
 
-def peak_tflops(cfg: DictConfig, cuda: bool, bf16: bool) -> float | None:
-    if cfg.cluster.peak_tflops:
-        return float(cfg.cluster.peak_tflops)
+def peak_tflops(configured: float | None, cuda: bool, bf16: bool) -> float | None:
+    """Per-device peak for MFU: cluster.peak_tflops when set, else the table's entry for this device's exact name
+    (jetmoe.plan.hardware); None on a CPU or an unknown part (no MFU then)."""
+    if configured:
+        return float(configured)
     if not cuda:
-        return None  # no meaningful peak for a CPU
-    peak = PEAK_TFLOPS_BF16.get(str(cfg.cluster.gpu).lower())
+        return None
+    peak = device_peak_tflops(torch.cuda.get_device_name())
     if peak is None:
         return None
     return peak if bf16 else peak / 2  # dense tf32 is about half of bf16 on these parts
@@ -79,11 +82,14 @@ def peak_memory_mib(cuda: bool) -> dict:
 
 
 class MetricsLogger:
-    """Writes rows on rank 0 only; other ranks hold an inert instance."""
+    """Writes rows on rank 0 only; other ranks hold an inert instance. `logging` is the logging section,
+    `record` the resolved config that wandb attaches to the run."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, max_steps: int):
+    def __init__(self, run_dir: Path, logging, enabled: bool, max_steps: int, log_every: int = 1,
+                 record: dict | None = None):
         self.enabled = enabled
-        self.cfg = cfg
+        self.settings = logging
+        self.max_steps, self.log_every = max_steps, log_every
         self.run_dir = Path(run_dir)
         self.file = None
         self.wandb = None
@@ -93,12 +99,13 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.run_dir / "metrics.jsonl", "a")
-        self.wandb = start_wandb(cfg, self.run_dir)
-        self.tensorboard = TensorBoardLogger(self.run_dir) if cfg.logging.tensorboard else None
-        if cfg.logging.progress_bar:
+        self.wandb = start_wandb(logging.wandb, self.run_dir, record or {})
+        self.tensorboard = TensorBoardLogger(self.run_dir) if logging.tensorboard else None
+        if logging.progress_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            set_progress_bar(self.bar)  # console lines go above the bar
 
     def set_start(self, step: int) -> None:
         """A resumed run continues at `step`: rows of later steps (written before a crash) are dropped."""
@@ -129,10 +136,10 @@ class MetricsLogger:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {row.get('lm_loss', float('nan')):.3f}", refresh=False)
         step = row["step"]
-        last = step == self.cfg.train.max_steps
-        if self.cfg.logging.console and (step % max(1, self.cfg.train.log_every) == 0 or step == 1 or last
-                                         or "eval_loss" in row or row.get("skipped")):
-            self.print(format_row(row))
+        last = step == self.max_steps
+        if self.settings.console and (step % max(1, self.log_every) == 0 or step == 1 or last
+                                      or "eval_loss" in row or row.get("skipped")):
+            logger.info(format_row(row))
 
     def log_samples(self, records: list[dict] | None) -> None:
         """Text samples of one step (jetmoe.training.sampling): samples.jsonl, console, wandb, TensorBoard."""
@@ -140,25 +147,18 @@ class MetricsLogger:
             return
         with open(self.run_dir / SAMPLES_FILE, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
-        if self.cfg.logging.console:
-            self.print(format_samples(records))
+        if self.settings.console:
+            logger.info(format_samples(records))
         if self.wandb is not None:
             wandb_run.log_samples(self.wandb, records)
         if self.tensorboard is not None:
             self.tensorboard.log_samples(records)
 
-    def print(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, flush=True)
-
     def close(self) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
+            set_progress_bar(None)
             self.bar.close()
         if self.file is not None:
             self.file.close()

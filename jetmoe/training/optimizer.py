@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
-from jetmoe.errors import JetMoEError
 from jetmoe.training.schedules import lr_multiplier
 
 OPTIMIZERS = ("adamw",)
@@ -22,12 +20,10 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: DictConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, object]:
-    """(optimizer named by optim.name, LambdaLR scheduler following optim.schedule)."""
-    if cfg.optim.name not in OPTIMIZERS:
-        raise JetMoEError(f"optim.name={cfg.optim.name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps)
-    multiplier = lr_multiplier(cfg.optim.schedule, cfg.train.max_steps, cfg.optim.warmup_steps,
-                               cfg.optim.min_lr_ratio, cfg.optim.decay_fraction, cfg.optim.decay_shape)
+def build_optimizer(optim, train, groups: list[dict]) -> tuple[torch.optim.Optimizer, object]:
+    """(AdamW, the only optimizer `optim.name` names, with a LambdaLR scheduler following optim.schedule), from the
+    optim and train sections (jetmoe.training.config)."""
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    multiplier = lr_multiplier(optim.schedule, train.max_steps, optim.warmup_steps, optim.min_lr_ratio,
+                               optim.decay_fraction, optim.decay_shape)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

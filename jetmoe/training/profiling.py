@@ -63,8 +63,9 @@ class StepProfiler:
         self.profiler = None
 
     @classmethod
-    def from_config(cls, cfg, run_dir: Path, rank: int, cuda: bool) -> "StepProfiler":
-        return cls(run_dir, rank, profile_window(cfg.train.profile_steps), CudaMemory() if cuda else None)
+    def from_train(cls, train, run_dir: Path, rank: int, cuda: bool) -> "StepProfiler":
+        """For `train.profile_steps` (the `train` section's)."""
+        return cls(run_dir, rank, profile_window(train.profile_steps), CudaMemory() if cuda else None)
 
     @contextlib.contextmanager
     def step(self, step: int):

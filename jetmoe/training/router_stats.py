@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-KINDS = ("moa", "moe")
+from jetmoe.model import ROUTER_KINDS
 
 
 class RouterTracker:
@@ -77,7 +77,7 @@ class RouterStats:
         share = self.tokens / self.tokens.sum(-1, keepdim=True).clamp(min=1)
         E = self.tokens.shape[-1]
         entropy = -(share * share.clamp(min=1e-12).log()).sum(-1) / math.log(E) if E > 1 else share[..., 0] * 0
-        for k, kind in enumerate(KINDS):
+        for k, kind in enumerate(ROUTER_KINDS):
             out[f"balance_{kind}"] = _round(self.balance[:, k])
             out[f"z_{kind}"] = _round(self.z[:, k])
             out[f"max_share_{kind}"] = _round(share[:, k].max(-1).values)

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
+
+logger = get_logger(__name__)
 
 LOCK = "run.lock"
 
@@ -56,7 +59,7 @@ class RunLock:
         self.path, self.holder = path, holder
 
     @classmethod
-    def acquire(cls, run_dir: str | Path, log=print) -> "RunLock":
+    def acquire(cls, run_dir: str | Path, log=logger.info) -> "RunLock":
         run_dir = Path(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,12 +114,12 @@ class RunLock:
             pass
 
 
-def lock_for_job(run_dir: str | Path, is_rank0: bool, log=print) -> RunLock | None:
+def lock_for_job(run_dir: str | Path, is_rank0: bool) -> RunLock | None:
     """Collective: rank 0 takes the lock for the whole job; every rank raises the same error if it cannot."""
     lock, problem = None, None
     if is_rank0:
         try:
-            lock = RunLock.acquire(run_dir, log)
+            lock = RunLock.acquire(run_dir)
         except JetMoEError as e:
             problem = str(e)
     import torch.distributed as dist

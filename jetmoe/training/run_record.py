@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 
-def record_config(run_dir: str | Path, cfg: DictConfig, resumed_step: int) -> Path:
+def record_config(run_dir: str | Path, resolved: dict, resumed_step: int) -> Path:
+    """resolved: the run's config, every key resolved (RunConfig.resolved)."""
     run_dir = Path(run_dir)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(resolved))
     launches = run_dir / "configs"
     launches.mkdir(parents=True, exist_ok=True)
     n = 1 + max((int(p.stem.split("-")[1]) for p in launches.glob("launch-*.yaml")

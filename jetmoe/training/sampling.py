@@ -31,16 +31,10 @@ class SampleSettings:
     seed: int
 
     @classmethod
-    def from_config(cls, cfg) -> "SampleSettings":
-        t = cfg.train
-        s = cls(every=int(t.sample_every), prompts=tuple(str(p) for p in t.sample_prompts),
-                tokens=int(t.sample_tokens), temperature=float(t.sample_temperature), seed=int(t.seed))
-        if s.every < 0:
-            raise JetMoEError(f"train.sample_every={s.every} is negative; use 0 (off) or a number of steps")
-        if s.every and (not s.prompts or s.tokens < 1 or s.temperature <= 0):
-            raise JetMoEError("train.sample_every is on but train.sample_prompts is empty, train.sample_tokens < 1 "
-                              "or train.sample_temperature <= 0; give prompts, tokens >= 1, temperature > 0")
-        return s
+    def from_train(cls, t) -> "SampleSettings":
+        """From the `train` section (checked there)."""
+        return cls(every=int(t.sample_every), prompts=tuple(str(p) for p in t.sample_prompts),
+                   tokens=int(t.sample_tokens), temperature=float(t.sample_temperature), seed=int(t.seed))
 
     def due(self, step: int, max_steps: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == max_steps)

@@ -11,24 +11,14 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from jetmoe.errors import JetMoEError
-
 SCHEDULES = ("wsd", "cosine", "constant")
 DECAY_SHAPES = ("exp", "linear", "cosine")
 
 
 def lr_multiplier(schedule: str, max_steps: int, warmup_steps: int, min_lr_ratio: float,
                   decay_fraction: float = 0.1, decay_shape: str = "exp") -> Callable[[int], float]:
-    if schedule not in SCHEDULES:
-        raise JetMoEError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    if decay_shape not in DECAY_SHAPES:
-        raise JetMoEError(f"optim.decay_shape={decay_shape!r} is unknown; choose one of {', '.join(DECAY_SHAPES)}")
-    if not 0.0 < min_lr_ratio <= 1.0:
-        raise JetMoEError(f"optim.min_lr_ratio={min_lr_ratio} must be in (0, 1]")
-    if not 0.0 <= decay_fraction <= 1.0:
-        raise JetMoEError(f"optim.decay_fraction={decay_fraction} must be in [0, 1]")
-    if warmup_steps < 0:
-        raise JetMoEError(f"optim.warmup_steps={warmup_steps} must be >= 0")
+    """The schedule's multiplier by update; its arguments are the `optim` section's, checked there
+    (jetmoe.training.config.OptimSection.check)."""
     warmup = min(warmup_steps, max_steps)
 
     if schedule == "cosine":

@@ -14,26 +14,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
 from jetmoe.data.fingerprint import data_fingerprint
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
 from jetmoe.model import aux_loss
 from jetmoe.parallel.process_group import close_process_group, init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
-from jetmoe.training.checkpoint import CheckpointManager
-from jetmoe.training.config import data_config, model_config, precision, use_cuda
+from jetmoe.training.checkpoint import CheckpointManager, ModelParts
+from jetmoe.training.config import RunConfig, precision, use_cuda
 from jetmoe.training.determinism import set_deterministic
-from jetmoe.training.engine import EngineParts, build_engine
+from jetmoe.training.engine import EngineCounters, EngineParts, build_engine, compile_on
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.profiling import StepProfiler
 from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
-from jetmoe.training.validate import check_values
 from jetmoe.training.watchdog import Watchdog
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -58,91 +59,86 @@ def _pipe_batches(micro_batches: list[dict], device) -> list:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
-        self.cfg = cfg
+    def __init__(self, config: RunConfig, run_dir: str | Path):
+        """config: the run config, typed and checked (jetmoe.training.config); run_dir: where this run writes."""
+        self.config = config
         self.run_dir = Path(run_dir)
         self.state = TrainState()
         self.skipped_in_a_row = 0
 
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
-        cfg = self.cfg
-        check_values(cfg)  # also when the entry point's up-front check was skipped (Hydra flags such as -m)
+        c, train = self.config, self.config.train
         # First of all: cuBLAS reads its workspace setting when it initialises, before any CUDA work of ours.
-        set_deterministic(cfg.train.deterministic)
-        self.cuda = use_cuda(cfg)
-        self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))
-        self.watchdog = Watchdog.for_job(self.rank, cfg.train.stall_warn_s)  # peer failures, stalls
+        set_deterministic(train.deterministic)
+        self.cuda = use_cuda(train)
+        self.precision = precision(train, self.cuda)
+        self.rank, self.world = init_process_group(self.cuda, timedelta(seconds=c.parallel.timeout_s))
+        self.watchdog = Watchdog.for_job(self.rank, train.stall_warn_s)  # peer failures, stalls
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
         self.lock = lock_for_job(self.run_dir, self.is_rank0)  # one job per run directory (before any write)
-        self.model_config = model_config(cfg)
+        self.model_config = mc = c.model
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-        mc = self.model_config
-        self.layout = make_layout(self.world, self.rank, cfg.parallel.pp, cfg.parallel.ep, mc.num_hidden_layers,
+        self.layout = make_layout(self.world, self.rank, c.parallel.pp, c.parallel.ep, mc.num_hidden_layers,
                                   mc.num_local_experts)
-        micro_batches_per_step(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.layout.dp)
-        sample_settings = SampleSettings.from_config(cfg)  # bad sampling or profiling keys fail before the engine
-        self.profiler = StepProfiler.from_config(cfg, self.run_dir, self.rank, self.cuda)
+        micro_batches_per_step(train.global_batch_size, train.micro_batch_size, self.layout.dp)
+        self.profiler = StepProfiler.from_train(train, self.run_dir, self.rank, self.cuda)
         # Data before the engine: a bad path or tokenizer fails within seconds.
-        self.data = self._build_data()
+        from jetmoe.data import build_data
+
+        self.data = build_data(c.data, mc.vocab_size, mc.max_position_embeddings, train.seed, log=logger.info,
+                               special_tokens=(mc.bos_token_id, mc.eos_token_id))  # data=mixture checks them
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
-        start_deepspeed_comm(self.cuda, timedelta(seconds=cfg.parallel.timeout_s))  # after the user's checks
-        self.parts: EngineParts = build_engine(cfg, mc, self.layout, on_router_loss=self.routers.record)
+        start_deepspeed_comm(self.cuda, timedelta(seconds=c.parallel.timeout_s))  # after the user's checks
+        self.parts: EngineParts = build_engine(
+            train, c.optim, c.parallel, mc, self.layout, device=self.device, bf16=self.precision == "bf16",
+            compiled=compile_on(train.compile, self.cuda, c.data.cache_dir), document_mask=c.data.document_mask,
+            seq_len=c.data.seq_len, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
-        self.loader = self.data.train_loader(cfg.train.global_batch_size, cfg.train.micro_batch_size,
+        self.loader = self.data.train_loader(train.global_batch_size, train.micro_batch_size,
                                              self.layout.dp_rank, self.layout.dp)
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self.flops_per_step = flops_per_token(mc, cfg.data.seq_len) * self.tokens_per_step
-        self.peak = peak_tflops(cfg, self.cuda, precision(cfg) == "bf16")
-        self.metrics = MetricsLogger(self.run_dir, cfg, self.is_rank0, cfg.train.max_steps)
-        self.metrics.print(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
-                           f"| micro-batches per step {self.parts.grad_accumulation} | precision {precision(cfg)} "
-                           f"| run dir {self.run_dir}")
+        self.tokens_per_step = train.global_batch_size * c.data.seq_len
+        self.flops_per_step = flops_per_token(mc, c.data.seq_len) * self.tokens_per_step
+        self.peak = peak_tflops(c.cluster.peak_tflops, self.cuda, self.precision == "bf16")
+        self.metrics = MetricsLogger(self.run_dir, c.logging, self.is_rank0, train.max_steps, train.log_every,
+                                     record=c.resolved)
+        logger.info(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
+                    f"| micro-batches per step {self.parts.grad_accumulation} | precision {self.precision} "
+                    f"| run dir {self.run_dir}")
         self.checkpoint = CheckpointManager(
-            cfg, self.run_dir, module=self.parts.module, global_names=self.parts.global_names,
-            optimizer=self.parts.optimizer, scheduler=self.parts.scheduler, loader=self.loader,
-            train_state=self.state, layout=self.layout, model_config=mc, engine=self.engine,
-            tokenizer=self.data.tokenizer, data_fingerprint=data_fingerprint(self.data))
-        self.sampler = Sampler(sample_settings, self.engine, self.data.tokenizer, self.layout,
+            c.checkpoint, self.run_dir,
+            ModelParts(self.parts.module, self.parts.optimizer, self.layout, self.parts.global_names, mc,
+                       self.data.tokenizer),
+            {"scheduler": self.parts.scheduler, "data": self.loader, "trainer": self.state,
+             "engine": EngineCounters(self.engine)},
+            init_from=c.init_from, data_fingerprint=data_fingerprint(self.data), record=c.resolved)
+        self.sampler = Sampler(SampleSettings.from_train(train), self.engine, self.data.tokenizer, self.layout,
                                mc.max_position_embeddings, self.device)
         return self
 
-    def _build_data(self):
-        from jetmoe.data import build_data
-
-        mc = self.model_config
-        return build_data(data_config(self.cfg), mc.vocab_size, mc.max_position_embeddings, self.cfg.train.seed,
-                          log=self.metrics_print if self.rank == 0 else None,
-                          special_tokens=(mc.bos_token_id, mc.eos_token_id))  # data=mixture checks them
-
-    def metrics_print(self, text: str) -> None:
-        if self.rank == 0:
-            print(text, flush=True)
-
     # ---------------------------------------------------------------------------------------- loop
     def train(self) -> list[dict]:
-        cfg = self.cfg
+        train = self.config.train
         rows = []
         self.checkpoint.resume()
         if self.is_rank0:  # every check passed: the directory now describes this launch too
-            record_config(self.run_dir, cfg, self.state.step)
+            record_config(self.run_dir, self.config.resolved, self.state.step)
             (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.parts.ds_config, indent=2) + "\n")
         self.metrics.set_start(self.state.step)
         stop = False
-        while self.state.step < cfg.train.max_steps and not stop:
+        while self.state.step < train.max_steps and not stop:
             self.watchdog.progress(self.state.step + 1)
             with self.profiler.step(self.state.step + 1):  # traces train.profile_steps; names OOM snapshots
                 row = self.train_step()
-            if cfg.train.eval_every and (self.state.step % cfg.train.eval_every == 0
-                                         or self.state.step == cfg.train.max_steps):
+            if train.eval_every and (self.state.step % train.eval_every == 0 or self.state.step == train.max_steps):
                 row.update(self.evaluate())
             self.metrics.log(row)
-            if self.sampler.settings.due(self.state.step, cfg.train.max_steps):
+            if self.sampler.settings.due(self.state.step, train.max_steps):
                 self.metrics.log_samples(self.sampler.sample(self.state.step))
             rows.append(row)
-            if self.skipped_in_a_row >= cfg.train.max_skipped_steps:  # before any save: keep the last good one
+            if self.skipped_in_a_row >= train.max_skipped_steps:  # before any save: keep the last good one
                 raise JetMoEError(
                     f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
                     f"{self.state.step}); lower train.lr or check the data. The last checkpoint is untouched")
@@ -199,7 +195,7 @@ class Trainer:
             row["tokens_by_source"] = by_source
         if self.parts.compiled and self.state.step == 1:
             self._log_compile_time()
-        every = self.cfg.logging.router_every
+        every = self.config.logging.router_every
         if every and (self.state.step % every == 0 or self.state.step == 1):
             row["router"] = routers.per_layer()
         return row
@@ -209,15 +205,15 @@ class Trainer:
         from jetmoe.parallel.compile import compile_stats
 
         stats = compile_stats()
-        self.metrics.print(f"compile: {stats['compile_s']:.1f} s in the first step ({stats['graphs']} graphs, "
+        logger.info(f"compile: {stats['compile_s']:.1f} s in the first step ({stats['graphs']} graphs, "
                            f"{stats['graph_breaks']} graph breaks)")
 
     def evaluate(self) -> dict:
         """`eval_loss` on the held-out data and, with a mixture, `eval_loss_by_source` (per-domain loss)."""
-        cfg = self.cfg
-        args = (cfg.train.global_batch_size, cfg.train.micro_batch_size, self.layout.dp_rank, self.layout.dp)
-        row = {"eval_loss": self._eval_loss(self.data.eval_loader(*args, max_steps=cfg.train.eval_batches))}
-        by_source = self.data.eval_loaders_by_source(*args, max_steps=cfg.train.eval_batches)
+        train = self.config.train
+        args = (train.global_batch_size, train.micro_batch_size, self.layout.dp_rank, self.layout.dp)
+        row = {"eval_loss": self._eval_loss(self.data.eval_loader(*args, max_steps=train.eval_batches))}
+        by_source = self.data.eval_loaders_by_source(*args, max_steps=train.eval_batches)
         if by_source:
             row["eval_loss_by_source"] = {name: self._eval_loss(steps) for name, steps in by_source.items()}
         return row
@@ -249,8 +245,8 @@ def _agree_on(value: str) -> str:
     return value
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
-    trainer = Trainer(cfg, run_dir)
+def run(config: RunConfig, run_dir: str | Path) -> list[dict]:
+    trainer = Trainer(config, run_dir)
     try:
         trainer.setup()
         rows = trainer.train()

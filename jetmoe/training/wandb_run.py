@@ -12,9 +12,6 @@ import secrets
 import string
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from jetmoe.errors import JetMoEError
 
 ID_FILE = "wandb_run_id"
 
@@ -31,14 +28,11 @@ def run_id(run_dir: Path) -> str:
     return new
 
 
-def start_wandb(cfg: DictConfig, run_dir: Path):
-    """The wandb run for this run directory (None with `logging.wandb.mode=disabled`), the resolved config
-    attached; rows are keyed by the optimizer step."""
-    w = cfg.logging.wandb
+def start_wandb(w, run_dir: Path, record: dict):
+    """The wandb run for this run directory (None with `logging.wandb.mode=disabled`); `w` is the logging.wandb
+    section, `record` the resolved config attached to the run; rows are keyed by the optimizer step."""
     if w.mode == "disabled":
         return None
-    if w.mode not in ("offline", "online"):
-        raise JetMoEError(f"logging.wandb.mode={w.mode!r} is unknown; use offline, online or disabled")
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -47,7 +41,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
     run = wandb.init(
         mode=w.mode, project=w.project, entity=w.entity, name=w.name or Path(run_dir).name,
         tags=list(w.tags), dir=str(wandb_dir), id=run_id(run_dir), resume="allow",
-        config=OmegaConf.to_container(cfg, resolve=True), allow_val_change=True,
+        config=record, allow_val_change=True,
         settings=wandb.Settings(console="off", x_disable_stats=True) if _has_settings(wandb) else None,
     )
     run.define_metric("step")

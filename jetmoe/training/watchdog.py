@@ -21,7 +21,10 @@ import time
 import traceback
 from typing import Callable
 
+from jetmoe.log import EVERY_RANK, get_logger
 from jetmoe.training import failures
+
+logger = get_logger(__name__)
 
 
 class Watchdog:
@@ -38,6 +41,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._step, self._phase, self._since, self._reported = 0, "setup", time.monotonic(), True
         self._thread: threading.Thread | None = None
+        self.polls = 0  # checks made so far (tests wait on it instead of sleeping)
 
     @classmethod
     def for_job(cls, rank: int, stall_warn_s: float) -> "Watchdog":
@@ -77,6 +81,7 @@ class Watchdog:
                     self.on_peer_failure(f"rank {self.rank}: stopping because {who}{peer[1]}")
                     return
             self._check_stall()
+            self.polls += 1
 
     def _check_stall(self) -> None:
         if self.stall_warn_s <= 0:
@@ -96,5 +101,5 @@ class Watchdog:
 
 
 def _leave(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logger.error(message, extra=EVERY_RANK)
     failures._exit(1)

@@ -49,13 +49,10 @@ def live_tensor_kib() -> int:
 
 def main() -> None:
     out_dir, steps, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    from hydra import compose, initialize_config_dir
+    from jetmoe.training import trainer as trainer_mod
+    from jetmoe.training.compose import load
 
-    from jetmoe.training import cli, trainer as trainer_mod
-
-    cli.register()
-    with initialize_config_dir(config_dir=str(cli.CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
+    config = load(overrides)
 
     record = {}
     real_build = trainer_mod.build_engine
@@ -73,7 +70,7 @@ def main() -> None:
         return parts
 
     trainer_mod.build_engine = measured_build
-    t = trainer_mod.Trainer(cfg, out_dir / "run").setup()
+    t = trainer_mod.Trainer(config, out_dir / "run").setup()
     for _ in range(steps):
         t.train_step()
     record["train_hwm"] = rss_kib("VmHWM")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 import torch
 
 from jetmoe.model import JetMoEConfig, JetMoEForCausalLM
@@ -42,12 +40,3 @@ def tiny_config(**overrides) -> JetMoEConfig:
                 intermediate_size=24, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
                 initializer_range=0.2)
     return JetMoEConfig(**{**base, **overrides})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids OpenMP hand-offs that cost seconds on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -11,19 +11,16 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from jetmoe.training.cli import CONFIG_DIR, register, strip_local_rank
+from jetmoe.training.cli import strip_local_rank
+from jetmoe.training.compose import load
 from jetmoe.training.trainer import Trainer
 
 
 def main() -> None:
     args = strip_local_rank(sys.argv[1:])
     out, overrides = Path(args[0]), args[1:]
-    register()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    trainer = Trainer(cfg, out / "run").setup()
+    trainer = Trainer(load(overrides), out / "run").setup()
     try:
         rows = trainer.train()
     finally:

@@ -10,7 +10,8 @@
                                            of the flattened whole tensor (expert rows offset by ep rank)
     optimizer/master-pp00[-dp01].safetensors   bf16 runs only: the fp32 master fragments, laid out the same
     rng/rank00000.safetensors              each rank's RNG states
-    trainer_state.json                     step, optimizer step, lrs, scheduler, data position, layout, config
+    trainer_state.json                     step, optimizer step, lrs, every named state (scheduler, data position,
+                                           counters), layout, config
     manifest.json                          every file above with size and sha256 (written last)
 
 Every rank writes its own part (rank_files.py; no collective over dp), rank 0 the JSON files. Any rank of
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -55,16 +56,55 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.json"
 
 
+class Stateful(Protocol):
+    """What a checkpoint saves and restores by name (torchtitan's Stateful): a JSON-able state."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# trainer_state.json's own keys: a named state may not take them.
+RESERVED = ("step", "optimizer_step", "lrs", "extra", "layout", "config")
+# Checkpoints written before the registry kept these states' counters flat in `extra` (with `step` beside it).
+FLAT_IN_EXTRA = ("trainer", "engine")
+
+
+class SchedulerState:
+    """An LR scheduler as a named state that loads into another layout's parameter groups (lrs are uniform)."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        groups = len(getattr(self.scheduler, "base_lrs", []))
+        for key in ("base_lrs", "_last_lr"):
+            if isinstance(state.get(key), list) and groups and len(state[key]) != groups:
+                state[key] = [state[key][0]] * groups
+        self.scheduler.load_state_dict(state)
+
+
 @dataclass
 class TrainingState:
-    """The trainer's objects a checkpoint restores, besides model and optimizer. Any may be None."""
+    """What a checkpoint restores besides model and optimizer: a registry of named states, each stored under its
+    name in trainer_state.json and loaded back into the same object (e.g. "scheduler", "data" for the loader's
+    position, "trainer" and "engine" for the step counters); an LR scheduler is wrapped in SchedulerState."""
 
     step: int = 0
-    scheduler: Any = None  # state_dict()/load_state_dict()
-    loader: Any = None  # state_dict()/load_state_dict()
+    states: dict[str, Stateful] = field(default_factory=dict)
     config: dict | None = None  # the resolved run config (stored for the record)
-    extra: dict = field(default_factory=dict)  # small JSON-able counters (e.g. the engine's)
+    extra: dict = field(default_factory=dict)  # small JSON-able facts for the record (e.g. the data fingerprint)
     bytes_read: int = 0  # set by read_into: bytes this rank read from the checkpoint
+
+    def __post_init__(self) -> None:
+        taken = sorted(set(self.states) & set(RESERVED))
+        if taken:
+            raise ValueError(f"checkpoint state names {taken} are trainer_state.json's own keys")
+        self.states = {name: SchedulerState(obj) if isinstance(obj, torch.optim.lr_scheduler.LRScheduler) else obj
+                       for name, obj in self.states.items()}
 
 
 def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: TrainingState, layout: Layout,
@@ -92,8 +132,7 @@ def write(writer: CheckpointWriter, module: torch.nn.Module, optimizer, state: T
         "step": state.step,
         "optimizer_step": opt_step,
         "lrs": lrs,
-        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "data": state.loader.state_dict() if state.loader is not None else None,
+        **{name: obj.state_dict() for name, obj in state.states.items()},
         "extra": state.extra,
         "layout": layout.as_dict(),
         "config": state.config,
@@ -217,10 +256,12 @@ def _read(reader, folder, module, optimizer, state, layout, global_names) -> dic
     if with_optimizer:
         set_optimizer_step(access, int(trainer_state["optimizer_step"]))
         _restore_lrs(access.inner(), trainer_state["lrs"])
-        if state.scheduler is not None and trainer_state.get("scheduler") is not None:
-            _load_scheduler(state.scheduler, trainer_state["scheduler"])
-    if state.loader is not None and trainer_state.get("data") is not None:
-        state.loader.load_state_dict(trainer_state["data"])
+    for name, obj in state.states.items():
+        saved = trainer_state.get(name)
+        if saved is None and name in FLAT_IN_EXTRA:
+            saved = {**(trainer_state.get("extra") or {}), "step": trainer_state["step"]}
+        if saved is not None and (with_optimizer or name != "scheduler"):
+            obj.load_state_dict(saved)
     rng_file = f"rng/rank{layout.rank:05d}.safetensors"
     if trainer_state["layout"].get("world") == layout.world and reader.has(rng_file):
         _, header = reader._header(rng_file)
@@ -238,14 +279,6 @@ def _restore_lrs(optimizer, lrs: list[float]) -> None:
         lrs = [lrs[0]] * len(groups)
     for g, lr in zip(groups, lrs):
         g["lr"] = lr
-
-
-def _load_scheduler(scheduler, sd: dict) -> None:
-    groups = len(getattr(scheduler, "base_lrs", []))
-    for key in ("base_lrs", "_last_lr"):
-        if isinstance(sd.get(key), list) and groups and len(sd[key]) != groups:
-            sd[key] = [sd[key][0]] * groups
-    scheduler.load_state_dict(sd)
 
 
 def load_tensors(module, access, global_names, source: str, keys, shape, get, has) -> None:

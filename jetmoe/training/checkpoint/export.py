@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
 from jetmoe.training.checkpoint import folders
 from jetmoe.training.checkpoint.contents import MODEL_INDEX, OPTIMIZER_INDEX
 from jetmoe.training.checkpoint.parts import PartReader
 from jetmoe.training.checkpoint.rank_files import MASTER
 
+logger = get_logger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
@@ -28,7 +30,7 @@ def _layer_order(name: str):
     return layer, name
 
 
-def find_checkpoint(source: str | Path, log=print) -> Path:
+def find_checkpoint(source: str | Path, log=logger.info) -> Path:
     """The verified step folder that SOURCE names: a step folder, a checkpoints folder or a run directory
     (their newest intact checkpoint). Errors speak of the export's CHECKPOINT argument."""
     path = Path(source).expanduser()
@@ -79,7 +81,7 @@ def _tokenizer_files(reader, config, tokenizer_spec, log) -> dict[str, dict]:
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_size="5GB",
-              log=print, tokenizer: str | Path | None = None) -> Path:
+              log=logger.info, tokenizer: str | Path | None = None) -> Path:
     from jetmoe.model.hf_io import config_to_hf_dict, parse_size, read_config, shard_by_bytes
 
     if dtype not in DTYPES:

@@ -18,6 +18,9 @@ import threading
 from pathlib import Path
 
 from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
+
+logger = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -132,7 +135,7 @@ def verify_in_background(root: str | Path) -> threading.Thread:
     return thread
 
 
-def resolve(spec: str | None, root: str | Path | None, hashes: bool = True, log=print) -> Path | None:
+def resolve(spec: str | None, root: str | Path | None, hashes: bool = True, log=logger.info) -> Path | None:
     """The checkpoint folder to resume from, verified.
 
     spec: "none" -> None; "auto" -> newest intact checkpoint under root (None if there is none; a damaged

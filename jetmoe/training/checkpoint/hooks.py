@@ -1,14 +1,14 @@
 """The trainer's checkpoint hooks: `CheckpointManager(...)` with resume / after_step / should_stop / finish.
 
-It receives the objects it saves (torchtitan's CheckpointManager style): the stage module and its name
-map, the optimizer, the scheduler, the data loader, a `train_state` with state_dict/load_state_dict
-(the trainer's counters, `step` among them) and, optionally, the DeepSpeed engine whose step counters
-travel with the checkpoint and the tokenizer that makes each checkpoint a complete transformers directory.
+It receives what it saves (torchtitan's CheckpointManager style): the model parts written as tensor files
+(`ModelParts`: the stage module and its name map, the optimizer, the layout, and the model config and tokenizer
+that make each checkpoint a complete transformers directory) and a registry of named states, each with
+state_dict/load_state_dict: the scheduler, the data loader ("data"), the trainer's counters ("trainer", `step`
+among them), the DeepSpeed engine's counters ("engine").
 
-Config: checkpoint.every (0 = only on a stop signal), checkpoint.dir (None = <run dir>/checkpoints),
-checkpoint.resume=auto|none|PATH, checkpoint.keep, checkpoint.keep_every, checkpoint.verify=full|size,
-checkpoint.async (null = on with CUDA), model.init_from=PATH (a transformers directory),
-checkpoint.data_changed=stop|continue (what a resume onto data with another fingerprint does).
+Settings: the `checkpoint` section: every (0 = only on a stop signal), dir (None = <run dir>/checkpoints),
+resume=auto|none|PATH, keep, keep_every, verify=full|size, async (null = on with CUDA), data_changed=stop|continue
+(what a resume onto data with another fingerprint does); and model.init_from=PATH (a transformers directory).
 
 Asynchronous saves: `save` blocks only while the tensors are copied to host buffers; a thread writes,
 hashes and fsyncs them. The save is committed (manifest, rename, `latest`) at the first step boundary
@@ -20,70 +20,59 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-
-from omegaconf import DictConfig, OmegaConf
-
-from jetmoe.data.config import resolve_user_path
 from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
 from jetmoe.parallel.topology import Layout
+from jetmoe.paths import resolve_user_path
 from jetmoe.training.checkpoint import contents, folders, rank_files, store
 from jetmoe.training.checkpoint.parts import PartReader
 from jetmoe.training.checkpoint.signals import StopSignal, report_stop
 
-ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the PipelineEngine's own step counters
+logger = get_logger(__name__)
+
+
+@dataclass
+class ModelParts:
+    """What a checkpoint writes as tensor files (every rank its own part) and the folder's transformers files."""
+
+    module: object  # this rank's stage
+    optimizer: object
+    layout: Layout
+    global_names: dict[str, str]  # local parameter name -> transformers' name
+    model_config: object = None  # config.json, generation_config.json
+    tokenizer: object = None  # the tokenizer files: each checkpoint is a complete transformers directory
 
 
 class CheckpointManager:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, module, global_names: dict[str, str], optimizer,
-                 scheduler, loader, train_state, layout: Layout, model_config, engine=None, tokenizer=None,
-                 data_fingerprint: dict | None = None) -> None:
-        self.cfg = cfg
-        self.module, self.global_names = module, global_names
-        self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
-        self.train_state, self.engine = train_state, engine
-        self.layout, self.model_config = layout, model_config
-        self.tokenizer = tokenizer  # saved beside the weights, so each checkpoint is a transformers directory
-        self.data_fingerprint = data_fingerprint  # stored in trainer_state extra, compared on resume
-        ck = cfg.checkpoint
-        self.every = int(ck.every or 0)
-        self.keep = int(ck.keep or 0)
-        self.keep_every = int(ck.get("keep_every") or 0)
-        self.verify = str(ck.get("verify") or "full")
-        if self.verify not in ("full", "size"):
-            raise JetMoEError(f"checkpoint.verify={self.verify} is unknown; use full or size")
-        background = ck.get("async")
-        if background is None:
-            background = any(p.is_cuda for p in module.parameters())
-        if not isinstance(background, bool):
-            raise JetMoEError(f"checkpoint.async={background} is not a boolean; use true, false or null (auto)")
-        self.background = background
+    def __init__(self, settings, run_dir: str | Path, parts: ModelParts, states: dict[str, contents.Stateful], *,
+                 init_from: str | None = None, data_fingerprint: dict | None = None, record: dict | None = None):
+        """settings: the `checkpoint` section; states: the named states saved and restored (the trainer's counters
+        under "trainer", with its `step`); init_from: model.init_from; data_fingerprint: stored with each checkpoint
+        and compared on resume; record: the resolved run config, stored for the record."""
+        self.settings, self.parts, self.states = settings, parts, dict(states)
+        self.init_from, self.data_fingerprint, self.record = init_from, data_fingerprint, record
+        self.every, self.keep, self.keep_every, self.verify = settings.every, settings.keep, settings.keep_every, \
+            settings.verify
+        background = settings.async_
+        self.background = any(p.is_cuda for p in parts.module.parameters()) if background is None else background
         self.pending = None  # (writer, files, step, started) of an asynchronous save not yet committed
         self.comm = store.default_comm()
-        root = resolve_user_path(ck.dir) if ck.dir else Path(run_dir) / "checkpoints"
+        root = resolve_user_path(settings.dir) if settings.dir else Path(run_dir) / "checkpoints"
         self.root = Path(self.comm.broadcast(str(root)))
         self.launch = self.comm.broadcast(uuid.uuid4().hex[:8])  # names this launch's staging folders
         self.verifier = None  # rank 0: the thread verifying earlier launches' checkpoints for pruning
         if self.every:  # the expert groups' gloo twins exist before the first save's blocking part
-            rank_files.create_host_groups(module, global_names)
+            rank_files.create_host_groups(parts.module, parts.global_names)
         self.run_dir = Path(run_dir)
         self.last_saved: int | None = None
         self.signal = StopSignal()
 
-    def _print(self, text: str) -> None:
-        if self.comm.rank == 0:
-            print(text, flush=True)
-
     def _contents_state(self, step: int) -> contents.TrainingState:
-        extra = dict(self.train_state.state_dict())
-        extra.pop("step", None)
-        if self.engine is not None:
-            extra.update({key: int(getattr(self.engine, key)) for key in ENGINE_COUNTERS})
-        if self.data_fingerprint is not None:
-            extra["data_fingerprint"] = self.data_fingerprint
-        return contents.TrainingState(step=step, scheduler=self.scheduler, loader=self.loader,
-                                      config=OmegaConf.to_container(self.cfg, resolve=True), extra=extra)
+        extra = {"data_fingerprint": self.data_fingerprint} if self.data_fingerprint is not None else {}
+        return contents.TrainingState(step=step, states=self.states, config=self.record, extra=extra)
 
     # ------------------------------------------------------------------------------------------ hooks
     def resume(self) -> int:
@@ -98,56 +87,51 @@ class CheckpointManager:
         return step
 
     def _resume(self) -> int:
-        spec = str(self.cfg.checkpoint.resume)
+        spec = str(self.settings.resume)
         if spec.lower() not in ("auto", "none") and not spec.startswith("/"):
             spec = str(resolve_user_path(spec))
-        found = self._agree(lambda: folders.resolve(spec, self.root, hashes=False, log=self._print))
-        init_from = self.cfg.model.get("init_from")
+        found = self._agree(lambda: folders.resolve(spec, self.root, hashes=False))
+        parts = self.parts
         if found is None:
-            if init_from:
+            if self.init_from:
                 started = time.perf_counter()
-                contents.read_weights_into(resolve_user_path(init_from), self.module, self.optimizer,
-                                           global_names=self.global_names)
-                self._print(f"checkpoint: initialised weights from {init_from} ({time.perf_counter() - started:.1f}s)")
+                contents.read_weights_into(resolve_user_path(self.init_from), parts.module, parts.optimizer,
+                                           global_names=parts.global_names)
+                logger.info(f"checkpoint: initialised weights from {self.init_from} "
+                            f"({time.perf_counter() - started:.1f}s)")
             return 0
         while True:
             started = time.perf_counter()
             state = self._contents_state(0)
             if not self._same_data(Path(found)):
-                state.loader = None  # checkpoint.data_changed=continue: the new data's order starts at its beginning
+                state.states.pop("data", None)  # checkpoint.data_changed=continue: the new data's order starts afresh
             problem = None
             try:
-                saved = contents.read_into(found, self.module, self.optimizer, state, self.layout,
-                                           global_names=self.global_names, verify=self.verify, finish=False)
+                saved = contents.read_into(found, parts.module, parts.optimizer, state, parts.layout,
+                                           global_names=parts.global_names, verify=self.verify, finish=False)
             except JetMoEError as e:
                 problem = str(e)
             problems = self.comm.gather(problem)
             problem = self.comm.broadcast(next((p for p in problems if p), None) if problems else None)
             if problem is None:
-                contents.finish_load(self.optimizer)
+                contents.finish_load(parts.optimizer)
                 break
             if spec.lower() != "auto":
                 raise JetMoEError(f"checkpoint {found} is damaged: {problem}; pass an earlier checkpoint")
             failed = Path(found)
             found = self._agree(lambda: self._older_intact(failed, problem))
             if found is None:
-                self._print(f"checkpoint: {failed.name} is damaged ({problem})")
+                logger.info(f"checkpoint: {failed.name} is damaged ({problem})")
                 raise folders.every_checkpoint_damaged(self.root)
         elapsed = time.perf_counter() - started
-        extra = saved.get("extra") or {}
-        if self.engine is not None:
-            for key in ENGINE_COUNTERS:
-                if key in extra:
-                    setattr(self.engine, key, extra[key])
-        self.train_state.load_state_dict({**extra, "step": state.step})
         self.last_saved = state.step
-        saved_layout, now = saved.get("layout", {}), self.layout.as_dict()
+        saved_layout, now = saved.get("layout", {}), parts.layout.as_dict()
         moved = "" if saved_layout == now else f" (saved with {saved_layout}, now {now})"
         read = self.comm.gather(state.bytes_read)
         if self.comm.rank == 0:
             total = sum(m["size"] for m in folders.load_manifest(found)["files"].values())
             share = total / self.comm.world_size
-            self._print(f"checkpoint: resumed from {found} at step {state.step}{moved} ({elapsed:.1f}s, "
+            logger.info(f"checkpoint: resumed from {found} at step {state.step}{moved} ({elapsed:.1f}s, "
                         f"verify={self.verify}); bytes read per rank: max {max(read)}, share {share:.0f} "
                         f"({max(read) / share:.2f}x)")
         return state.step
@@ -157,9 +141,7 @@ class CheckpointManager:
         when it was and the key says stop. Checkpoints without a fingerprint (older ones) count as the same."""
         from jetmoe.data.fingerprint import describe_change
 
-        choice = str(self.cfg.checkpoint.get("data_changed", "stop"))
-        if choice not in ("stop", "continue"):
-            raise JetMoEError(f"checkpoint.data_changed={choice!r} is unknown; use stop or continue")
+        choice = self.settings.data_changed
         saved = (PartReader(found, "size").json(contents.TRAINER_STATE).get("extra") or {}).get("data_fingerprint")
         now = self.data_fingerprint
         if saved is None or now is None or saved.get("id") == now.get("id"):
@@ -169,7 +151,7 @@ class CheckpointManager:
             raise JetMoEError(f"checkpoint {found} was trained on other data ({change}); to keep its weights, "
                               "optimizer and step on this data pass checkpoint.data_changed=continue (the data order "
                               "restarts), or start over with checkpoint.resume=none")
-        self._print(f"checkpoint: data changed since {found.name} ({change}); continuing on the new data "
+        logger.info(f"checkpoint: data changed since {found.name} ({change}); continuing on the new data "
                     "(checkpoint.data_changed=continue), its order from the start")
         return False
 
@@ -190,7 +172,7 @@ class CheckpointManager:
         older = [f for f in folders.list_checkpoints(failed.parent) if f.name < failed.name]
         for folder in older:
             if not folders.verify(folder, hashes=False):
-                self._print(f"checkpoint: {failed.name} is damaged ({problem}); falling back to {folder.name}")
+                logger.info(f"checkpoint: {failed.name} is damaged ({problem}); falling back to {folder.name}")
                 return folder
         return None
 
@@ -203,19 +185,20 @@ class CheckpointManager:
             if writer.writing():
                 waited = time.perf_counter()
                 writer.wait()
-                self._print(f"checkpoint: step {step} waited {time.perf_counter() - waited:.1f}s for the "
+                logger.info(f"checkpoint: step {step} waited {time.perf_counter() - waited:.1f}s for the "
                             f"save of step {pending_step} to finish writing")
             self.commit_pending()
         started = time.perf_counter()
         writer = store.CheckpointWriter(self.root, step, self.comm, self.launch)
-        files = contents.write(writer, self.module, self.optimizer, self._contents_state(step), self.layout,
-                               model_config=self.model_config, global_names=self.global_names,
-                               tokenizer=self.tokenizer, background=background)
+        parts = self.parts
+        files = contents.write(writer, parts.module, parts.optimizer, self._contents_state(step), parts.layout,
+                               model_config=parts.model_config, global_names=parts.global_names,
+                               tokenizer=parts.tokenizer, background=background)
         self.last_saved = step
         if background:
             self.blocked_s = time.perf_counter() - started
             self.pending = (writer, files, step, started)
-            self._print(f"checkpoint: step {step} copied to host in {self.blocked_s:.2f}s; writing in the background")
+            logger.info(f"checkpoint: step {step} copied to host in {self.blocked_s:.2f}s; writing in the background")
             return writer.final
         return self._commit(writer, files, step, started)
 
@@ -233,7 +216,7 @@ class CheckpointManager:
         written = self.comm.gather(writer.bytes_written)
         if self.comm.rank == 0:
             mean = sum(written) / len(written)
-            self._print(f"checkpoint: saved step {step} to {folder} ({sum(written) / 2**20:.1f} MiB, "
+            logger.info(f"checkpoint: saved step {step} to {folder} ({sum(written) / 2**20:.1f} MiB, "
                         f"{time.perf_counter() - started:.1f}s; busiest rank wrote {max(written) / max(mean, 1):.2f}x "
                         f"the mean)")
         return folder
@@ -248,14 +231,14 @@ class CheckpointManager:
         """True once any rank received a stop signal; the step is then saved first (collective)."""
         if not self.signal.requested():
             return False
-        self._print(f"checkpoint: {self.signal.name()} received; stopping after step {step}")
+        logger.info(f"checkpoint: {self.signal.name()} received; stopping after step {step}")
         if self.last_saved != step:
             self.save(step)
         self.commit_pending()
         if self.comm.rank == 0:
             line = report_stop(self.signal.name(), step, self.root / folders.step_dir_name(step), self.run_dir)
             if line:
-                self._print(line)
+                logger.info(line)
         return True
 
     def finish(self, step: int) -> None:

@@ -12,6 +12,10 @@ import signal
 import sys
 import threading
 
+from jetmoe.log import EVERY_RANK, get_logger
+
+logger = get_logger(__name__)
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -26,7 +30,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.interrupts:
-            print("second SIGINT: exiting now, without a checkpoint of this step", file=sys.stderr, flush=True)
+            logger.error("second SIGINT: exiting now, without a checkpoint of this step", extra=EVERY_RANK)
             os._exit(130)
         self.interrupts += signum == signal.SIGINT
         self.received = self.received or signum

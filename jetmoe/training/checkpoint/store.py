@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from jetmoe.errors import JetMoEError
+from jetmoe.log import get_logger
 from jetmoe.training.checkpoint import folders
 from jetmoe.training.checkpoint.folders import FORMAT, LATEST, MANIFEST, VERSION, prune, read_latest, step_dir_name
 
+logger = get_logger(__name__)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -300,7 +302,7 @@ class CheckpointWriter:
         _replace_atomically(self.staging / MANIFEST, _json_bytes(manifest))
         old = None
         if self.final.exists() and folders.verify(self.final):  # a damaged folder is kept, moved aside
-            print(f"checkpoint: {self.final} is damaged; moved aside to {folders.set_aside(self.final)}", flush=True)
+            logger.info(f"checkpoint: {self.final} is damaged; moved aside to {folders.set_aside(self.final)}")
         if self.final.exists():  # the same step saved again (e.g. after falling back): swap it out
             old = self.root / f".{self.final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
