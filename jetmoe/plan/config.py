@@ -3,7 +3,9 @@
 from typing import Any
 
 from jetmoe.errors import JetMoEError
-from jetmoe.plan.hardware import gpu_spec
+from jetmoe.plan.calibration import load_calibration
+from jetmoe.plan.cluster import check_cluster
+from jetmoe.plan.hardware import default_efficiencies, gpu_spec
 from jetmoe.plan.layout import ClusterLayout
 from jetmoe.plan.memory import Precision
 from jetmoe.plan.params import ModelShape
@@ -19,7 +21,12 @@ def inputs_from_config(cfg: Any) -> PlanInputs:
     model, data, train, par, cluster = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.cluster
     if cluster.gpus in (None, "???"):
         raise JetMoEError("the planner needs the cluster size: add cluster.gpus=N (e.g. cluster.gpus=96)")
+    check_cluster(cluster)
     precision = "bf16" if train.precision == "auto" else train.precision  # auto means bf16 on a GPU
+    calibration = load_calibration(cluster.calibration) if cluster.get("calibration") else None
+    # A calibration's device sets the peak behind predicted MFU, unless the user gives one.
+    peak = cluster.peak_tflops if cluster.peak_tflops is not None else (calibration.peak_tflops if calibration else None)
+    gpu = gpu_spec(cluster.gpu, peak, cluster.gpu_memory_gib)
     return PlanInputs(
         shape=ModelShape.from_config(model),
         layout=ClusterLayout(
@@ -30,13 +37,16 @@ def inputs_from_config(cfg: Any) -> PlanInputs:
             gpus_per_node=int(cluster.gpus_per_node),
             partition=_partition(par.partition),
         ),
-        gpu=gpu_spec(cluster.gpu, cluster.peak_tflops, cluster.gpu_memory_gib),
+        gpu=gpu,
         seq_len=int(data.seq_len),
         global_batch=int(train.global_batch_size),
         micro_batch=int(train.micro_batch_size),
-        mfu=float(cluster.mfu),
+        efficiencies=calibration.efficiencies if calibration else default_efficiencies(gpu),
+        mfu=float(cluster.mfu) if cluster.mfu is not None else None,
         precision=Precision.named(str(precision).lower()),
         checkpointing=bool(model.gradient_checkpointing or par.activation_checkpointing),
         document_mask=bool(data.document_mask),
         storage_gbps=float(cluster.get("storage_gbps", 2.0)),
+        compiled=str(train.compile).lower() != "false",
+        calibration=calibration,
     )

@@ -155,10 +155,17 @@ class ClusterSection:
     gpus: int = 1
     gpu: str = "h100"  # h100 | a100 | h200 (peak tables in jetmoe.training.metrics)
     peak_tflops: Optional[float] = None  # per device; None = table by gpu (CPU runs report no MFU)
-    mfu: float = 0.35  # planner's assumption
+    mfu: Optional[float] = None  # planner: null = time each kind of work at the GPU's efficiencies; a number = compute at this share of peak
     gpu_memory_gib: Optional[float] = None  # None = table by gpu
     gpus_per_node: int = 8
     storage_gbps: float = 2.0  # planner: checkpoint write bandwidth per node, GB/s
+    calibration: Optional[str] = None  # planner: bench/gpu.py's JSON, whose measured efficiencies replace the defaults
+
+
+@dataclass
+class PlanSection:
+    search: bool = False  # train/plan.py: also rank the layouts that fit by predicted tokens/s
+    search_top: int = 15  # how many of them to print
 
 
 @dataclass
@@ -171,6 +178,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    plan: PlanSection = field(default_factory=PlanSection)
 
 
 def register_configs() -> None:

@@ -1,0 +1,51 @@
+"""What the training engine does, as the named inputs of the planner's step-cost model.
+
+Each value states one behaviour of jetmoe/training/engine.py on DeepSpeed 0.19.8 (read in its source; where is
+said beside the value). `TODAY` is the engine as it is. A change to the engine (issue 22's cuts) changes one
+value here and the planner's breakdown follows; `train/plan.py` prints these values under "engine".
+"""
+
+from dataclasses import dataclass, fields
+
+ALL_REDUCE, REDUCE_SCATTER = "all_reduce", "reduce_scatter"
+AFTER_STEP, AFTER_LAST_BACKWARD = "after_step", "after_last_backward"
+
+
+@dataclass(frozen=True)
+class EngineBehaviour:
+    # bf16 runs (BF16_Optimizer, fp32 accumulation): HBM bytes per parameter per micro-batch outside the model's own
+    # backward kernels. bf16_optimizer.py: clear_lp_grads zeroes the bf16 grads (write 2); autograd adds the weight
+    # gradient into the zeroed .grad in place (read 2 + 2, write 2); update_hp_grads: hp.add_(lp.grad.to(fp32)) casts
+    # into a temporary (read 2, write 4) and adds it (read 4 + 4, write 4).
+    grad_accumulation_bytes_per_param: float = 26.0
+    # fp32 runs (ZeRO-1 optimizer): autograd's in-place add into the fp32 .grad (read 4 + 4, write 4).
+    fp32_grad_accumulation_bytes_per_param: float = 12.0
+    # The gradient reduction over data parallelism, after the last micro-batch (pipe/engine.py _exec_reduce_grads ->
+    # engine.py buffered_allreduce_fallback): dense gradients over dp, expert gradients over the expert-data group.
+    dp_reduce_op: str = ALL_REDUCE  # all_reduce (every rank gets the whole sum) | reduce_scatter (its shard only)
+    dp_reduce_bytes: int = 4  # communication_data_type fp32 (engine.py: allreduce_bucket casts to it)
+    dp_reduce_starts: str = AFTER_STEP  # after_step: every stage waits for the schedule's end | after_last_backward
+    # ZeRO-1: each rank steps its shard, then all-gathers the updated working weights (bf16_optimizer.py
+    # update_lp_params -> all_gather_into_tensor over the same groups); fp32 runs gather fp32 weights.
+    weight_gather_bytes: int = 2
+    # Tied embedding: the first and the last stage all-reduce its gradient (pipe/engine.py _exec_reduce_tied_grads,
+    # the fp32 _hp_grad in bf16 runs) before the dp reduction, so the last stage waits for the first's last backward.
+    tied_reduce_bytes: int = 4
+    # BF16_Optimizer.step sweeps the whole stage's fp32 gradient, not only this rank's shard: the norm reads it (4),
+    # clipping reads and writes it (8), clear_hp_grads zeroes it (4). AdamW itself runs on the shard only.
+    optimizer_full_sweep_bytes_per_param: float = 16.0
+    # What parallel.partition=parameters balances (parallel/pipeline.py block_weights): "parameters" or "flops".
+    partition_balances: str = "parameters"
+    # The last stage's head runs inside the chunked loss (model/loss.py HEAD_CHUNK_TOKENS): its logits are
+    # recomputed in backward (8 x V x D FLOPs per token, not 6) and the fp32 weight gradient is summed per chunk.
+    head_chunk_tokens: int = 1024
+    # Host time per micro-batch that the device waits for (the engine's Python between kernels). Not measured on a
+    # GPU: 0 means the device stays ahead, as the H200 stage run suggests (its step is predicted without it).
+    engine_overhead_s_per_micro_batch: float = 0.0
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(name, value) of every behaviour, for the report."""
+        return [(f.name, str(getattr(self, f.name))) for f in fields(self)]
+
+
+TODAY = EngineBehaviour()
