@@ -8,7 +8,7 @@ value here and the planner's breakdown follows; `train/plan.py` prints these val
 from dataclasses import dataclass, fields
 
 ALL_REDUCE, REDUCE_SCATTER = "all_reduce", "reduce_scatter"
-AFTER_STEP, AFTER_LAST_BACKWARD = "after_step", "after_last_backward"
+AFTER_STEP, AFTER_LAST_BACKWARD, DURING_LAST_BACKWARD = "after_step", "after_last_backward", "during_last_backward"
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,10 @@ class EngineBehaviour:
     # engine.py buffered_allreduce_fallback): dense gradients over dp, expert gradients over the expert-data group.
     dp_reduce_op: str = ALL_REDUCE  # all_reduce (every rank gets the whole sum) | reduce_scatter (its shard only)
     dp_reduce_bytes: int = 4  # communication_data_type fp32 (engine.py: allreduce_bucket casts to it)
-    dp_reduce_starts: str = AFTER_STEP  # after_step: every stage waits for the schedule's end | after_last_backward
+    # after_step: every stage waits for the schedule's end (the tied reduction first joins the first and last stage);
+    # after_last_backward: a stage starts when its own last backward ends (stage s, s backward passes before stage 0);
+    # during_last_backward: also overlapped with that last backward, bucket by bucket as gradients become final.
+    dp_reduce_starts: str = AFTER_STEP
     # ZeRO-1: each rank steps its shard, then all-gathers the updated working weights (bf16_optimizer.py
     # update_lp_params -> all_gather_into_tensor over the same groups); fp32 runs gather fp32 weights.
     weight_gather_bytes: int = 2

@@ -14,7 +14,7 @@ finishes last as `dp_reduce` (+ the tied embedding's reduction) and `optimizer`.
 
 from dataclasses import dataclass
 
-from jetmoe.plan.engine_model import AFTER_LAST_BACKWARD, EngineBehaviour
+from jetmoe.plan.engine_model import AFTER_LAST_BACKWARD, DURING_LAST_BACKWARD, EngineBehaviour
 from jetmoe.plan.hardware import GPU
 from jetmoe.plan.traffic import StageTraffic
 
@@ -68,10 +68,12 @@ def breakdown(stages: list[StageCost], micro_batches: int, engine: EngineBehavio
     pipeline = (m - 1) * worst.slot + sum(s.slot for s in stages)
 
     def tail(s: int) -> tuple[float, float]:
-        """(exposed reduction, exposed optimizer) of stage s: with after_last_backward a stage starts them when
-        its own last backward ends, s backward passes before stage 0's."""
+        """(exposed reduction, exposed optimizer) of stage s: started when its own last backward ends, a stage has
+        s backward passes to spare before stage 0's ends; overlapped with that backward, one more."""
         c = stages[s]
-        head_start = s * c.compute * BACKWARD_SHARE if engine.dp_reduce_starts == AFTER_LAST_BACKWARD else 0.0
+        backward = c.compute * BACKWARD_SHARE
+        head_start = {AFTER_LAST_BACKWARD: s * backward,
+                      DURING_LAST_BACKWARD: (s + 1) * backward}.get(engine.dp_reduce_starts, 0.0)
         reduce = max(0.0, c.dp_reduce - head_start)
         optimizer = max(0.0, c.optimizer - max(0.0, head_start - c.dp_reduce))
         return reduce, optimizer
