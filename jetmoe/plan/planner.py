@@ -202,9 +202,8 @@ def _advise(plan: Plan, per_dp: int, budget: float) -> None:
                "all_to_all": "keep ep inside a node or lower parallel.ep",
                "pipeline_p2p": "fewer pipeline stages or larger micro-batches"}[worst]
         plan.warnings.append(
-            f"communication ~{sum(comm.values()):.3g} s per step ("
-            + ", ".join(f"{k} {v:.3g} s" for k, v in comm.items() if v > 0)
-            + f") is > 20% of the {plan.step_seconds:.3g} s step; {fix}"
+            f"communication {sum(comm.values()) / plan.step_seconds:.0%} of the step ("
+            + ", ".join(f"{k} {v / plan.step_seconds:.0%}" for k, v in comm.items() if v > 0) + f"); {fix}"
         )
     if inp.precision.param_bytes == 4 and inp.mfu is None:
         plan.warnings.append("train.precision=fp32: the efficiencies are bf16 measurements; fp32 matmuls run "

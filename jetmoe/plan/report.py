@@ -47,10 +47,11 @@ def render(plan: Plan) -> str:
     add(("bubble", f"{plan.bubble:.1%} of the slots (1F1B, (pp-1)/(m+pp-1))"))
     add(("efficiencies", _efficiencies(i)))
     add(("engine", "; ".join(f"{k}={v}" for k, v in i.engine.rows())))
-    add(("step", f"{plan.step_seconds:.3f} s per step, cost by cost (exposed seconds; the slowest stage is "
-                 f"{plan.step.slowest_stage})"))
+    unit, scale = _unit(plan.step_seconds)
+    add(("step", f"{plan.step_seconds * scale:.3f} {unit} per step, cost by cost (exposed time; the slowest stage "
+                 f"is {plan.step.slowest_stage})"))
     for key, seconds in plan.step.parts.items():
-        add((f"  {key}", f"{seconds:8.3f} s  {seconds / plan.step_seconds:6.1%}"))
+        add((f"  {key}", f"{seconds * scale:9.3f} {unit} {seconds / plan.step_seconds:6.1%}"))
     add(("predicted MFU", f"{plan.predicted_mfu:.1%} of {i.gpu.peak_tflops:.0f} TFLOP/s bf16 peak"
          + (f" (cluster.mfu={i.mfu:g} while computing)" if i.mfu is not None else "")))
     add(("throughput", f"{_n(plan.tokens_per_sec)} tokens/s, {_n(plan.tokens_per_day)} tokens/day"))
@@ -64,6 +65,15 @@ def render(plan: Plan) -> str:
         add(("suggest", s))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _unit(seconds: float) -> tuple[str, float]:
+    return ("s", 1.0) if seconds >= 0.1 else ("ms", 1e3) if seconds >= 1e-4 else ("us", 1e6)
+
+
+def seconds_text(seconds: float) -> str:
+    unit, scale = _unit(seconds)
+    return f"{seconds * scale:.3g} {unit}"
 
 
 def comm_lines(plan: Plan) -> list[tuple[str, str]]:
@@ -107,14 +117,14 @@ def render_search(candidates: list, top: int, configured: Plan) -> str:
     i = configured.inputs
     head = (f"layouts that fit {i.layout.gpus} x {i.gpu.name} at {i.global_batch} x {i.seq_len} tokens per step, "
             f"fastest first ({len(candidates)} fit; dominant costs besides compute):")
-    cols = ("#", "pp", "dp", "ep", "mb", "recompute", "partition", "blocks", "tokens/s", "MFU", "step s", "GiB",
+    cols = ("#", "pp", "dp", "ep", "mb", "recompute", "partition", "blocks", "tokens/s", "MFU", "step", "GiB",
             "dominant costs")
     rows = [cols]
     for n, c in enumerate(candidates[:top], 1):
         p = c.plan
         rows.append((str(n), str(c.pp), str(c.dp), str(c.ep), str(c.micro_batch), "on" if c.recompute else "off",
                      c.partition, "/".join(map(str, c.blocks)), _n(p.tokens_per_sec), f"{p.predicted_mfu:.1%}",
-                     f"{p.step_seconds:.3f}", f"{p.peak.peak / GIB:.1f}", c.reason))
+                     seconds_text(p.step_seconds), f"{p.peak.peak / GIB:.1f}", c.reason))
     widths = [max(len(r[k]) for r in rows) for k in range(len(cols) - 1)]
     lines = [head] + ["  ".join(v.rjust(w) if k < 5 else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths)))
                       + "  " + r[-1] for r in rows]

@@ -26,7 +26,9 @@ class Candidate:
     @property
     def reason(self) -> str:
         costs = self.plan.step.dominant(3)
-        return ", ".join(f"{k} {v:.2f} s" for k, v in costs) or "compute only"
+        from jetmoe.plan.report import seconds_text
+
+        return ", ".join(f"{k} {seconds_text(v)}" for k, v in costs) or "compute only"
 
     def row(self) -> dict:
         p = self.plan
