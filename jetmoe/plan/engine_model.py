@@ -23,7 +23,10 @@ class EngineBehaviour:
     # The gradient reduction over data parallelism, after the last micro-batch (pipe/engine.py _exec_reduce_grads ->
     # engine.py buffered_allreduce_fallback): dense gradients over dp, expert gradients over the expert-data group.
     dp_reduce_op: str = ALL_REDUCE  # all_reduce (every rank gets the whole sum) | reduce_scatter (its shard only)
-    dp_reduce_bytes: int = 4  # communication_data_type fp32 (engine.py: allreduce_bucket casts to it)
+    # communication_data_type fp32 (engine.py: allreduce_bucket casts to it). Buckets hold 5e8 elements
+    # (MEMORY_OPT_ALLREDUCE_SIZE): a param group's flat buffer larger than that (the 8B's) is reduced in place; smaller
+    # groups are flattened into a bucket and copied back (16 B/param per step of HBM traffic, not counted here).
+    dp_reduce_bytes: int = 4
     # after_step: every stage waits for the schedule's end (the tied reduction first joins the first and last stage);
     # after_last_backward: a stage starts when its own last backward ends (stage s, s backward passes before stage 0);
     # during_last_backward: also overlapped with that last backward, bucket by bucket as gradients become final.
@@ -35,7 +38,8 @@ class EngineBehaviour:
     # the fp32 _hp_grad in bf16 runs) before the dp reduction, so the last stage waits for the first's last backward.
     tied_reduce_bytes: int = 4
     # BF16_Optimizer.step sweeps the whole stage's fp32 gradient, not only this rank's shard: the norm reads it (4),
-    # clipping reads and writes it (8), clear_hp_grads zeroes it (4). AdamW itself runs on the shard only.
+    # clipping reads and writes it (8; runtime/utils.py clip_tensors_by_global_norm, counted as if the norm always
+    # exceeds optim.grad_clip), clear_hp_grads zeroes it (4). AdamW itself runs on the shard only.
     optimizer_full_sweep_bytes_per_param: float = 16.0
     # What parallel.partition=parameters balances (parallel/pipeline.py block_weights): "parameters" or "flops".
     partition_balances: str = "parameters"

@@ -208,6 +208,9 @@ def _advise(plan: Plan, per_dp: int, budget: float) -> None:
     if inp.precision.param_bytes == 4 and inp.mfu is None:
         plan.warnings.append("train.precision=fp32: the efficiencies are bf16 measurements; fp32 matmuls run "
                              "several times slower, so this step time is optimistic")
+    if inp.document_mask and inp.mfu is None:
+        plan.warnings.append("data.document_mask=true: attention is timed at the causal SDPA rate; FlexAttention's "
+                             "document mask ran at about half of it on the H200 check")
     if not inp.compiled:
         plan.warnings.append("train.compile=false: the memory-bound traffic is counted for compiled blocks; eager "
                              "blocks ran 1.31x slower on the H200 check")
