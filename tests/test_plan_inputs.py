@@ -80,3 +80,20 @@ def test_a_calibration_replaces_the_parts_efficiencies(capsys, tmp_path):
         default["step_breakdown_s"]["grad_accumulation"], rel=1e-3)
     other = _plan(capsys, f"cluster.calibration={H200_CHECK}")  # the recipe's H100s, an H200's numbers
     assert any("measured on NVIDIA H200, but cluster.gpu=h100" in w for w in other["warnings"])
+
+
+def test_the_planner_reads_what_the_gpu_check_writes(tmp_path):
+    """bench/gpu_report.calibration rebuilt from the check's sections is the object the planner loads."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_report import calibration
+
+    from jetmoe.plan.calibration import REQUIRED, load_calibration
+
+    result = json.loads(H200_CHECK.read_text())
+    rebuilt = calibration(result)
+    assert {k: rebuilt[k] for k in REQUIRED} == {k: result["calibration"][k] for k in REQUIRED}
+    path = tmp_path / "rebuilt.json"
+    path.write_text(json.dumps({"calibration": rebuilt}))
+    loaded = load_calibration(str(path))
+    assert loaded.efficiencies.grouped_gemm_tflops == result["grouped_gemm"]["balanced"]["grouped_tflops"]
+    assert loaded.device == "NVIDIA H200" and loaded.measured["train_micro_batches"] == 8
