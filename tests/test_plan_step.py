@@ -102,21 +102,24 @@ def _recipe(**engine):
     return make_plan(dataclasses.replace(inp, engine=dataclasses.replace(TODAY, **engine)))
 
 
-@pytest.mark.parametrize("switch,moved", [
-    ({"grad_accumulation_bytes_per_param": 6.0}, "grad_accumulation"),  # fp32 main_grad fused into the GEMM
-    ({"dp_reduce_op": REDUCE_SCATTER}, "dp_reduce"),
-    ({"dp_reduce_starts": DURING_LAST_BACKWARD}, "dp_reduce"),
-    ({"optimizer_full_sweep_bytes_per_param": 0.0}, "optimizer"),
-    ({"engine_overhead_s_per_micro_batch": 0.002}, "engine_overhead"),
+SLOT = {"bubble", "imbalance"}  # follow any per-micro-batch cost: the slot sets the fill, drain and the slowest stage
+
+
+@pytest.mark.parametrize("switch,moved,also", [
+    ({"grad_accumulation_bytes_per_param": 6.0}, "grad_accumulation", SLOT),  # fp32 main_grad fused into the GEMM
+    ({"dp_reduce_op": REDUCE_SCATTER}, "dp_reduce", {"optimizer"}),
+    ({"dp_reduce_starts": DURING_LAST_BACKWARD}, "dp_reduce", {"optimizer"}),
+    ({"optimizer_full_sweep_bytes_per_param": 0.0}, "optimizer", {"dp_reduce"}),
+    ({"engine_overhead_s_per_micro_batch": 0.002}, "engine_overhead", SLOT),
 ])
-def test_each_engine_behaviour_moves_its_own_line(switch, moved):
+def test_each_engine_behaviour_moves_its_own_line(switch, moved, also):
+    """The tail's two lines are the stage that ends last's; a switch may change which stage that is."""
     before, after = _recipe().step.parts, _recipe(**switch).step.parts
-    assert after[moved] != pytest.approx(before[moved], rel=1e-3)
-    for key in ("compute", "imbalance", "all_to_all"):
-        assert after[key] == pytest.approx(before[key], rel=1e-9), key
-    others = set(KEYS) - {moved, "bubble", "compute", "imbalance", "all_to_all"}
-    for key in others:  # the bubble follows the slot, so it moves with per-micro-batch costs
-        assert after[key] == pytest.approx(before[key], rel=1e-3), (moved, key)
+    assert after[moved] < before[moved] or (before[moved] == 0 < after[moved])
+    for key in set(KEYS) - {moved} - also:
+        assert after[key] == pytest.approx(before[key], rel=1e-9), (moved, key)
+    if "optimizer" in also or "dp_reduce" in also:
+        assert after["optimizer"] + after["dp_reduce"] < before["optimizer"] + before["dp_reduce"]
 
 
 def test_accumulation_scales_with_its_bytes_and_reduce_scatter_halves_the_reduction():

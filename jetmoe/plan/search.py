@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from jetmoe.errors import JetMoEError
 from jetmoe.plan.planner import Plan, PlanInputs, make_plan
+from jetmoe.plan.report import seconds_text
 
 PARTITIONS = ("uniform", "parameters", "flops")
 
@@ -26,8 +27,6 @@ class Candidate:
     @property
     def reason(self) -> str:
         costs = self.plan.step.dominant(3)
-        from jetmoe.plan.report import seconds_text
-
         return ", ".join(f"{k} {seconds_text(v)}" for k, v in costs) or "compute only"
 
     def row(self) -> dict:

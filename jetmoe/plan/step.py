@@ -7,9 +7,9 @@ none of these overlap). Under 1F1B with m micro-batches the pipeline part of the
 (the fill and drain pass once through every stage; equal stages give (m + pp - 1) x slot). Then each stage
 reduces its gradients, steps its optimizer and gathers the weights; the step ends with the slowest stage.
 
-The breakdown names, for the slowest stage s*, m x each part of its slot (compute at the stages' mean, the
-rest of s*'s compute as `imbalance`), the fill and drain as `bubble`, and the exposed tail of the stage that
-finishes last as `dp_reduce` (+ the tied embedding's reduction) and `optimizer`.
+The breakdown names m x each part of the stages' mean slot, m x (slowest slot - mean slot) as `imbalance`, the
+fill and drain as `bubble`, and the exposed tail of the stage that finishes last as `dp_reduce` (+ the tied
+embedding's reduction) and `optimizer`.
 """
 
 from dataclasses import dataclass
@@ -64,7 +64,10 @@ def breakdown(stages: list[StageCost], micro_batches: int, engine: EngineBehavio
     m = micro_batches
     slowest = max(range(len(stages)), key=lambda s: stages[s].slot)
     worst = stages[slowest]
-    mean_compute = sum(s.compute for s in stages) / len(stages)
+
+    def mean(part: str) -> float:
+        return sum(getattr(s, part) for s in stages) / len(stages)
+
     pipeline = (m - 1) * worst.slot + sum(s.slot for s in stages)
 
     def tail(s: int) -> tuple[float, float]:
@@ -81,14 +84,14 @@ def breakdown(stages: list[StageCost], micro_batches: int, engine: EngineBehavio
     last = max(range(len(stages)), key=lambda s: sum(tail(s)))
     reduce, optimizer = tail(last)
     parts = {
-        "compute": m * mean_compute,
+        "compute": m * mean("compute"),
         "bubble": pipeline - m * worst.slot,
-        "grad_accumulation": m * worst.grad_accumulation,
+        "grad_accumulation": m * mean("grad_accumulation"),
         "dp_reduce": reduce,
-        "all_to_all": m * worst.all_to_all,
-        "pipeline_p2p": m * worst.pipeline_p2p,
-        "imbalance": m * (worst.compute - mean_compute),
+        "all_to_all": m * mean("all_to_all"),
+        "pipeline_p2p": m * mean("pipeline_p2p"),
+        "imbalance": m * (worst.slot - mean("slot")),
         "optimizer": optimizer,
-        "engine_overhead": m * worst.engine_overhead,
+        "engine_overhead": m * mean("engine_overhead"),
     }
     return StepBreakdown(parts, tuple(stages), slowest)
