@@ -15,8 +15,6 @@ embedding's reduction) and `optimizer`.
 from dataclasses import dataclass
 
 from jetmoe.plan.engine_model import AFTER_LAST_BACKWARD, DURING_LAST_BACKWARD, EngineBehaviour
-from jetmoe.plan.hardware import GPU
-from jetmoe.plan.traffic import StageTraffic
 
 KEYS = ("compute", "bubble", "grad_accumulation", "dp_reduce", "all_to_all", "pipeline_p2p", "imbalance",
         "optimizer", "engine_overhead")
@@ -54,10 +52,6 @@ class StepBreakdown:
         """The largest costs besides those in `skip`, largest first."""
         rest = [(k, v) for k, v in self.parts.items() if k not in skip and v > 0]
         return sorted(rest, key=lambda kv: -kv[1])[:n]
-
-
-def comm_seconds(traffic: StageTraffic, category: str, gpu: GPU) -> float:
-    return sum(t.seconds(gpu) for t in traffic.transfers if t.category == category)
 
 
 def breakdown(stages: list[StageCost], micro_batches: int, engine: EngineBehaviour) -> StepBreakdown:
