@@ -72,7 +72,7 @@ def test_bubble_warning_and_micro_batch_suggestions(capsys):
     assert "train.global_batch_size=72" in table
     assert "train.micro_batch_size=1 -> 32 micro-batches, bubble 5.9%" in table
     _, ok = plan(capsys, "parallel=pp3", "cluster.gpus=3", "train.global_batch_size=32", "train.micro_batch_size=1")
-    assert ok["warnings"] == []
+    assert not any("bubble" in w for w in ok["warnings"])  # (the tiny model's step is mostly send latency)
 
 
 def test_memory_warning_when_a_layout_does_not_fit(capsys):

@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from jetmoe.plan.hardware import gpu_spec
+from jetmoe.plan.calibration import load_calibration
+from jetmoe.plan.hardware import default_efficiencies, gpu_spec
 from jetmoe.plan.layout import ClusterLayout
 from jetmoe.plan.memory import Precision
 from jetmoe.plan.params import ModelShape
@@ -15,9 +16,14 @@ def _partition(value: Any) -> Any:
 
 def inputs_from_config(config: Any) -> PlanInputs:
     """config: the typed run config (jetmoe.training.config.RunConfig) of the same command line train/pretrain.py
-    takes; the planner reads its model, data (seq_len, document_mask), train, parallel and cluster sections."""
+    takes, its cluster section checked; the planner reads its model, data (seq_len, document_mask), train,
+    parallel and cluster sections."""
     model, data, train, par, cluster = config.model, config.data, config.train, config.parallel, config.cluster
     precision = "bf16" if train.precision == "auto" else train.precision  # auto means bf16 on a GPU
+    calibration = load_calibration(cluster.calibration) if cluster.calibration else None
+    # A calibration's device sets the peak behind predicted MFU, unless the user gives one.
+    peak = cluster.peak_tflops if cluster.peak_tflops is not None else (calibration.peak_tflops if calibration else None)
+    gpu = gpu_spec(cluster.gpu, peak, cluster.gpu_memory_gib)
     return PlanInputs(
         shape=ModelShape.from_config(model),
         layout=ClusterLayout(
@@ -28,13 +34,16 @@ def inputs_from_config(config: Any) -> PlanInputs:
             gpus_per_node=int(cluster.gpus_per_node),
             partition=_partition(par.partition),
         ),
-        gpu=gpu_spec(cluster.gpu, cluster.peak_tflops, cluster.gpu_memory_gib),
+        gpu=gpu,
         seq_len=int(data.seq_len),
         global_batch=int(train.global_batch_size),
         micro_batch=int(train.micro_batch_size),
-        mfu=float(cluster.mfu),
+        efficiencies=calibration.efficiencies if calibration else default_efficiencies(gpu),
+        mfu=float(cluster.mfu) if cluster.mfu is not None else None,
         precision=Precision.named(str(precision).lower()),
         checkpointing=bool(model.gradient_checkpointing or par.activation_checkpointing),
         document_mask=bool(data.document_mask),
         storage_gbps=float(cluster.storage_gbps),
+        compiled=str(train.compile).lower() != "false",
+        calibration=calibration,
     )

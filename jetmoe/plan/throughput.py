@@ -1,4 +1,4 @@
-"""FLOPs, communication volume, the 1F1B bubble and the step time they imply."""
+"""FLOPs per token (the MFU convention) and the 1F1B bubble."""
 
 from jetmoe.plan.params import ModelShape, ParamCounts
 
@@ -28,30 +28,3 @@ def micro_batches_for_bubble(pp: int, target: float) -> int:
     while bubble_fraction(pp, m) > target:
         m += 1
     return m
-
-
-def all_to_all_bytes(
-    shape: ModelShape, blocks: int, tokens_per_micro_batch: int, micro_batches: int, ep: int,
-    ep_attention: bool, p: int, checkpointing: bool,
-) -> int:
-    """Bytes one rank sends through expert all-to-alls in a step (uniform routing: (ep-1)/ep of the
-    slots leave the rank). MoE: out D, back D. MoA: query projection out D back A, output projection
-    out A back D. Backward repeats the volume; checkpointing replays the forward once more."""
-    if ep == 1:
-        return 0
-    per_slot = 2 * shape.hidden_size
-    if ep_attention:
-        per_slot += 2 * shape.hidden_size + 2 * shape.attn_size
-    passes = 3 if checkpointing else 2
-    slots = tokens_per_micro_batch * shape.top_k * micro_batches * blocks
-    return slots * per_slot * p * passes * (ep - 1) // ep
-
-
-def pipeline_bytes(shape: ModelShape, tokens_per_micro_batch: int, micro_batches: int, p: int) -> int:
-    """Bytes crossing ONE stage boundary of one pipeline in a step: activations forward, gradients back."""
-    return 2 * tokens_per_micro_batch * shape.hidden_size * p * micro_batches
-
-
-def ring_reduce_bytes(param_bytes: int, group: int) -> int:
-    """Bytes one rank sends to reduce-scatter gradients and all-gather updated weights over `group`."""
-    return 0 if group <= 1 else 2 * param_bytes * (group - 1) // group

@@ -24,7 +24,7 @@ from jetmoe.training.validate import in_range, one_of
 
 _PLAIN = (int, float, bool, str)
 _SAMPLE_PROMPTS = ("The history of", "Once upon a time", "In mathematics, a", "The city is known for")
-SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "logging", "cluster")
+SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "logging", "cluster", "plan")
 
 
 def _omegaconf_type(tp: Any) -> Any:
@@ -216,22 +216,36 @@ class ClusterSection:
     gpu: str = "h100"  # the planner's part: h100 | h100_pcie | h100_nvl | h200 | a100 (jetmoe.plan.hardware)
     peak_tflops: Optional[float] = None  # per device; None = the table's entry for the part (training: the device
     #                                      it runs on, by exact name; CPU runs and unknown parts report no MFU)
-    mfu: float = 0.35  # planner's assumption
+    # planner: null = time each kind of work at the GPU's efficiencies; a number = compute at this share of peak
+    mfu: Optional[float] = None
     gpu_memory_gib: Optional[float] = None  # None = table by gpu
     gpus_per_node: int = 8
     storage_gbps: float = 2.0  # planner: checkpoint write bandwidth per node, GB/s
+    calibration: Optional[str] = None  # planner: bench/gpu.py's JSON, whose measured efficiencies replace the defaults
 
     def check(self) -> None:
         from jetmoe.plan.hardware import gpu_spec
 
         in_range("cluster.gpus", self.gpus, 1, example="96")
         in_range("cluster.gpus_per_node", self.gpus_per_node, 1, example="8")
-        in_range("cluster.mfu", self.mfu, 0, 1, "0.35", low_ok=False, high_ok=True)
+        if self.mfu is not None:
+            in_range("cluster.mfu", self.mfu, 0, 1, "0.35 (or null: the measured efficiencies)", low_ok=False,
+                     high_ok=True)
         in_range("cluster.storage_gbps", self.storage_gbps, 0, example="2.0", low_ok=False)
-        for key, value in (("cluster.peak_tflops", self.peak_tflops), ("cluster.gpu_memory_gib", self.gpu_memory_gib)):
+        for key, value, example in (("cluster.peak_tflops", self.peak_tflops, "989"),
+                                    ("cluster.gpu_memory_gib", self.gpu_memory_gib, "80")):
             if value is not None:
-                in_range(key, value, 0, example="989", low_ok=False)
+                in_range(key, value, 0, example=example, low_ok=False)
         gpu_spec(self.gpu)  # a part the table knows
+
+
+@dataclass
+class PlanSection:
+    search: bool = False  # train/plan.py: also rank the layouts that fit by predicted tokens/s
+    search_top: int = 15  # how many of them to print
+
+    def check(self) -> None:
+        in_range("plan.search_top", self.search_top, 1, example="15")
 
 
 @dataclass
@@ -246,6 +260,7 @@ class RunSchema:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    plan: PlanSection = field(default_factory=PlanSection)
 
 
 def register_configs() -> None:
@@ -271,6 +286,7 @@ class RunConfig:
     checkpoint: CheckpointSection
     logging: LoggingSection
     cluster: ClusterSection
+    plan: PlanSection = field(default_factory=PlanSection)  # train/plan.py's own options
     init_from: Optional[str] = None  # model.init_from: a transformers directory to start from
     resolved: dict = field(default_factory=dict)  # every key as composed and resolved: for the record
 
@@ -298,7 +314,7 @@ class RunConfig:
                        train=TrainSection(**plain["train"]), optim=OptimSection(**plain["optim"]),
                        parallel=ParallelSection(**plain["parallel"]), checkpoint=CheckpointSection(**checkpoint),
                        logging=LoggingSection(**logging), cluster=ClusterSection(**plain["cluster"]),
-                       init_from=init_from, resolved=plain)
+                       plan=PlanSection(**plain.get("plan", {})), init_from=init_from, resolved=plain)
         except TypeError as e:  # a key the sections do not have (a primary config without our schema)
             raise JetMoEError(f"config does not fit the schema ({e}); start your primary config from ours: "
                               "defaults: [config, _self_]") from None
@@ -309,7 +325,7 @@ class RunConfig:
             self.model.validate()
         if "data" in sections:
             self.data.validate(self.model.max_position_embeddings)
-        for name in ("train", "optim", "parallel", "checkpoint", "logging", "cluster"):
+        for name in ("train", "optim", "parallel", "checkpoint", "logging", "cluster", "plan"):
             if name in sections:
                 getattr(self, name).check()
         if "train" in sections and self.train.sample_every:
