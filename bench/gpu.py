@@ -162,6 +162,8 @@ def main() -> int:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with a GPU")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when its name is not known")
     ap.add_argument("--cache-dir", help="one data + Inductor cache for every section (default: beside --out)")
+    ap.add_argument("--train-micro-batch", type=int, default=1, choices=[1, 2, 4, 8],
+                    help="sequences per micro-batch in the train section (8 sequences per step)")
     ap.add_argument("--grouped-gemm-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.grouped_gemm_worker:
@@ -180,7 +182,7 @@ def main() -> int:
     sections = {
         "versions": lambda out, d: section_versions(env, out),
         "memory": lambda out, d: section_memory(env, out, cache_dir),
-        "train": lambda out, d: section_train(env, out, d, cache_dir, compile_on, check.result),
+        "train": lambda out, d: section_train(env, out, d, cache_dir, compile_on, check.result, args.train_micro_batch),
         "stack": lambda out, d: section_stack(env, out),
         "grouped_gemm": lambda out, d: section_grouped_gemm(env, out, d),
         "sdpa": lambda out, d: section_sdpa(env, out),

@@ -1,7 +1,8 @@
 """The GPU check's train section (see bench/gpu.py): one recipe stage trained through the real entry point.
 
-Shape: 8 JetMoE-8B blocks (the recipe's pp=3 puts 8 of 24 on a stage), 4096 tokens, micro-batch 1, 8
-micro-batches per step (a quarter of the recipe's 32; the bubble and the dp reduction are the planner's), bf16,
+Shape: 8 JetMoE-8B blocks (the recipe's pp=3 puts 8 of 24 on a stage), 4096 tokens, 8 sequences per step as 8
+micro-batches of 1 (a quarter of the recipe's 32; the bubble and the dp reduction are the planner's) or, with
+--train-micro-batch 2, 4 of 2, bf16,
 train.compile as on a cluster. The one process holds the embedding and the head too (pp=1: first and last stage).
 Launch 1 trains, timing the step's parts (bench/gpu_train_launch.py), and saves asynchronously at its last step
 when the disk has room; launch 2 resumes from that checkpoint for one step. Each launch has its own result.
@@ -25,10 +26,10 @@ from jetmoe.model import JetMoEConfig
 from jetmoe.plan.checkpoint import bytes_per_param
 from jetmoe.plan.params import count_params
 
-STAGE_BLOCKS, MICRO_BATCHES, RECIPE_MICRO_BATCHES = 8, 8, 32
+STAGE_BLOCKS, SEQUENCES_PER_STEP, RECIPE_MICRO_BATCHES = 8, 8, 32
 
 
-def train_overrides(env: Env, steps: int, compile_on: bool) -> list[str]:
+def train_overrides(env: Env, steps: int, compile_on: bool, micro_batch: int = 1) -> list[str]:
     common = [f"train.max_steps={steps}", "train.eval_every=0", "logging.progress_bar=false", "logging.console=false",
               "logging.wandb.mode=disabled", "logging.router_every=0", "optim.warmup_steps=2", "train.precision=bf16",
               f"train.compile={'true' if compile_on else 'false'}"]
@@ -37,7 +38,8 @@ def train_overrides(env: Env, steps: int, compile_on: bool) -> list[str]:
                          "train.micro_batch_size=2"]
     peak = [f"cluster.peak_tflops={env.peak}"] if env.peak else []
     return common + ["model=jetmoe_8b", f"model.num_hidden_layers={STAGE_BLOCKS}", "data.seq_len=4096",
-                     f"train.global_batch_size={MICRO_BATCHES}", "train.micro_batch_size=1", "train.lr=3e-4", *peak]
+                     f"train.global_batch_size={SEQUENCES_PER_STEP}", f"train.micro_batch_size={micro_batch}",
+                     "train.lr=3e-4", *peak]
 
 
 def checkpoint_bytes(env: Env) -> int:
@@ -66,11 +68,13 @@ def _launch(cmd: list[str], timeout: float, log: Path) -> tuple[int | None, str]
     return code, log.read_text(errors="replace")
 
 
-def section_train(env: Env, out: dict, deadline, cache_dir: Path, compile_on: bool, earlier: dict) -> None:
+def section_train(env: Env, out: dict, deadline, cache_dir: Path, compile_on: bool, earlier: dict,
+                  micro_batch: int = 1) -> None:
+    """micro_batch: sequences per micro-batch (the step keeps 8 sequences: 8 micro-batches of 1, 4 of 2, ...)."""
     steps = 6 if env.smoke else 12
     run_dir = Path(tempfile.mkdtemp(prefix="jetmoe_gpu_check_", dir=cache_dir))
     step_times = run_dir / "step_times.jsonl"
-    overrides = train_overrides(env, steps, compile_on) + [f"hydra.run.dir={run_dir}"]
+    overrides = train_overrides(env, steps, compile_on, micro_batch) + [f"hydra.run.dir={run_dir}"]
     # The checkpoint at the last step, and the launch resuming from it, only when the disk has the room and the
     # section the time: training (~90 s with compiling), the write, reading it back, the second start (~60 s).
     need, free = checkpoint_bytes(env), shutil.disk_usage(cache_dir).free
@@ -80,7 +84,9 @@ def section_train(env: Env, out: dict, deadline, cache_dir: Path, compile_on: bo
     saving = roomy and (timely or env.smoke)
     overrides += ([f"checkpoint.every={steps}", "checkpoint.async=true", "checkpoint.keep=1"] if saving
                   else ["checkpoint.every=0"])
-    out["shape"] = {"blocks": STAGE_BLOCKS if not env.smoke else 1, "micro_batches_per_step": MICRO_BATCHES,
+    micro_batches = SEQUENCES_PER_STEP // micro_batch if not env.smoke else 2
+    out["shape"] = {"blocks": STAGE_BLOCKS if not env.smoke else 1, "micro_batches_per_step": micro_batches,
+                    "micro_batch_size": micro_batch if not env.smoke else 2,
                     "recipe_micro_batches": RECIPE_MICRO_BATCHES, "seq_len": 4096 if not env.smoke else 32,
                     "steps": steps, "compile": compile_on}
     out["checkpoint_plan"] = {"bytes": need, "disk_free_bytes": free, "disk_write_gbps": gbps, "saving": saving}

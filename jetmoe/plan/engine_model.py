@@ -43,9 +43,11 @@ class EngineBehaviour:
     optimizer_full_sweep_bytes_per_param: float = 16.0
     # What parallel.partition=parameters balances (parallel/pipeline.py block_weights): "parameters" or "flops".
     partition_balances: str = "parameters"
-    # The last stage's head runs inside the chunked loss (model/loss.py HEAD_CHUNK_TOKENS): its logits are
-    # recomputed in backward (8 x V x D FLOPs per token, not 6) and the fp32 weight gradient is summed per chunk.
+    # The last stage's head runs inside the chunked loss (model/loss.py HEAD_CHUNK_TOKENS), whose forward keeps the
+    # fp32 gradient with respect to the logits: backward multiplies it back (6 x V x D FLOPs per token). Before issue
+    # 22 it kept nothing and computed the logits again in backward (8 x V x D).
     head_chunk_tokens: int = 1024
+    head_recomputes_logits: bool = False
     # Host time per micro-batch that the device waits for (the engine's Python between kernels). Not measured on a
     # GPU: 0 means the device stays ahead, as the H200 stage run suggests (its step is predicted without it).
     engine_overhead_s_per_micro_batch: float = 0.0
@@ -59,4 +61,4 @@ TODAY = EngineBehaviour()
 # The engine before issue 22's cuts: bf16_optimizer.py's clear_lp_grads zeroes the bf16 grads (write 2); autograd
 # adds the weight gradient into the zeroed .grad in place (read 2 + 2, write 2); update_hp_grads'
 # hp.add_(lp.grad.to(fp32)) casts into a temporary (read 2, write 4) and adds it (read 4 + 4, write 4).
-BEFORE_ISSUE_22 = replace(TODAY, grad_accumulation_bytes_per_param=26.0)
+BEFORE_ISSUE_22 = replace(TODAY, grad_accumulation_bytes_per_param=26.0, head_recomputes_logits=True)

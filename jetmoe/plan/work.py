@@ -89,15 +89,19 @@ def block_work(shape: ModelShape, seq: int, p: int, recompute: bool, ep: int = 1
 def head_work(shape: ModelShape, tokens: int, p: int, engine: EngineBehaviour) -> Work:
     """The last stage's final norm, tied/untied head and chunked cross-entropy on one micro-batch of `tokens`.
 
-    The chunked loss recomputes each chunk's logits in backward: 8 x V x D FLOPs per token (the usual count is 6).
-    Per token it moves (3p + 32) x V bytes: logits cast to fp32 and their log-sum-exp (forward), logits again
-    cast, softmax, masked, cast back (backward). Per chunk the fp32 weight gradient takes the chunk's product
-    (read p, write 4, add: read 8, write 4); it is zeroed once and cast to the weight's dtype once."""
+    With `engine.head_recomputes_logits` the chunked loss computes each chunk's logits again in backward (8 x V x D
+    FLOPs per token); otherwise forward keeps the fp32 softmax - onehot and backward only multiplies (6 x V x D).
+    Bytes per token and vocabulary entry: forward writes the logits (p), casts them (p + 4), takes their
+    logsumexp (4), and (kept) turns them into the gradient in place (exp, onehot, mask: 24); backward scales and
+    casts it (8 + 4 + p) and reads it into both products (2p): 5p + 44. Recomputing instead: 3p + 32 and, per
+    chunk, an fp32 add of the weight gradient's partial product."""
     V, D = shape.vocab_size, shape.hidden_size
-    chunks = ceil(tokens / engine.head_chunk_tokens)
-    per_token = (3 * p + 32) * V + 3 * 2 * p * D  # + the final norm, forward and backward
-    weight_grad = V * D * (4 + chunks * (p + 16) + 4 + p)
-    return Work(dense_flops=8 * V * D * tokens, hbm_bytes=per_token * tokens + weight_grad)
+    per_norm = 3 * 2 * p * D  # the final norm, forward and backward
+    if engine.head_recomputes_logits:
+        chunks = ceil(tokens / engine.head_chunk_tokens)
+        weight_grad = V * D * (4 + chunks * (p + 16) + 4 + p)
+        return Work(dense_flops=8 * V * D * tokens, hbm_bytes=((3 * p + 32) * V + per_norm) * tokens + weight_grad)
+    return Work(dense_flops=6 * V * D * tokens, hbm_bytes=((5 * p + 44) * V + per_norm) * tokens + V * D * p)
 
 
 def embedding_work(shape: ModelShape, tokens: int, p: int) -> Work:
