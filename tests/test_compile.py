@@ -1,10 +1,9 @@
 """train.compile: the compiled blocks train like the eager ones (fp32 per-step losses within 1e-5 relative) at
 pp=1 and at pp=3 x ep=2, and Dynamo compiles nothing after step 2 although the expert counts change every step."""
 
+import copy
 import os
 from pathlib import Path
-
-import copy
 
 import pytest
 import torch
@@ -35,7 +34,8 @@ def _train(tmp_path, world, overrides):
 ], ids=["pp1", "pp3_ep2"])
 def test_compiled_training_matches_eager(tmp_path, world, layout):
     eager, _ = _train(tmp_path, world, [*layout, "train.compile=false"])
-    compiled, log = _train(tmp_path, world, [*layout, "train.compile=true"])
+    compiled, log = _train(tmp_path, world, [*layout, "train.compile=true",
+                                             f"train.compile_cache_dir={tmp_path / 'inductor'}"])
     assert compiled["compiled"] and not eager["compiled"]
     for row, ref in zip(compiled["rows"], eager["rows"], strict=True):
         for key in LOSSES:
@@ -48,7 +48,7 @@ def test_compiled_training_matches_eager(tmp_path, world, layout):
         assert rank_stats[-1]["frames"] == rank_stats[1]["frames"], rank_stats  # nothing compiled after step 2
     assert eager["stats"][0][-1]["frames"] == 0
     assert log.count("compile: ") == 1  # logged once (rank 0)
-    assert any((tmp_path / "cache" / "inductor").iterdir())  # Inductor's cache under the data cache
+    assert any((tmp_path / "inductor").iterdir())  # Inductor's cache where train.compile_cache_dir says
 
 
 @pytest.mark.slow
@@ -112,3 +112,33 @@ def test_flex_attention_compiles_inside_the_block_graph(monkeypatch):
     after = compile_stats()
     assert after["graphs"] - before["graphs"] == 1 and after["graph_breaks"] == before["graph_breaks"], (before, after)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_at_scale_defaults(monkeypatch, tmp_path):
+    """Inductor's cache on the node's own disk and its workers shared by the node's ranks, unless the user set
+    either; the user's TORCHINDUCTOR_CACHE_DIR wins over train.compile_cache_dir."""
+    import torch._inductor.config as inductor
+
+    from jetmoe.parallel.compile import cap_compile_threads, node_local_cache_dir, ranks_on_this_node, use_cache_dir
+
+    for key in ("SLURM_TMPDIR", "TMPDIR", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "TORCHINDUCTOR_CACHE_DIR",
+                "TORCHINDUCTOR_COMPILE_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)
+    assert node_local_cache_dir().parent == Path("/tmp")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "slurm"))
+    assert node_local_cache_dir().parent == tmp_path / "slurm"
+    assert use_cache_dir(None) == node_local_cache_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_cache_dir(tmp_path / "configured") == tmp_path / "mine"
+    assert ranks_on_this_node() == 1
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x12)")
+    assert ranks_on_this_node() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert ranks_on_this_node() == 4
+    cores = len(os.sched_getaffinity(0))
+    assert cap_compile_threads() == max(1, cores // 4) and os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == str(max(1, cores // 4))
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    monkeypatch.setattr(inductor, "compile_threads", 3)
+    assert cap_compile_threads() == 3  # the user's choice stands

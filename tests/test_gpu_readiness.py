@@ -67,3 +67,20 @@ def test_stage_is_built_on_its_device_in_the_run_dtype_with_transformers_weights
     for row in rows:
         assert row["mismatched"] == [], row
         assert row["devices"] == ["cpu"] and row["dtypes"] == [row["dtype"]], row
+
+
+@pytest.mark.parametrize("capability,first", [((9, 0), "CUDNN_ATTENTION"), ((10, 0), "CUDNN_ATTENTION"),
+                                              ((8, 0), "FLASH_ATTENTION")])
+def test_the_attention_kernel_is_chosen_explicitly_with_every_backend_kept_as_a_fallback(capability, first):
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    from jetmoe.parallel.attention_backend import describe, sdpa_order, sdpa_priority
+
+    order = sdpa_order(capability)
+    assert order[0] == first and sorted(order) == sorted(("CUDNN_ATTENTION", "FLASH_ATTENTION",
+                                                          "EFFICIENT_ATTENTION", "MATH"))
+    before = _cur_sdpa_kernel_backends(with_priority=True)
+    with sdpa_priority(capability):
+        assert _cur_sdpa_kernel_backends(with_priority=True)[:4] == [getattr(SDPBackend, n) for n in order]
+    assert _cur_sdpa_kernel_backends(with_priority=True) == before  # restored on exit
+    assert describe(capability).startswith("attention: SDPA ")

@@ -11,7 +11,9 @@ operator (`jetmoe::grouped_mm`, M rows in and out, fp32 and bf16). The expert-pa
 dispatch and combine sit behind deliberate graph breaks (collectives, one host sync, rows that change every
 step).
 
-Inductor's cache goes under the data cache directory (`<cache>/inductor`), so a requeued job reuses it.
+At scale (96 ranks): Inductor's cache is on each node's own disk by default (`train.compile_cache_dir` names
+another; a shared folder is raced by every rank), and each rank gets its node's cores divided by its ranks as
+compile workers.
 """
 
 from __future__ import annotations
@@ -33,15 +35,47 @@ def compile_enabled(mode, cuda: bool) -> bool:
     return cuda if mode == "auto" else mode == "true"
 
 
-def use_cache_dir(cache_dir: str | Path) -> Path:
-    """Point Inductor's (and Triton's) on-disk cache at `<cache_dir>/inductor` unless the user chose one
-    (Inductor writes its temp-directory default into the environment the first time it looks)."""
+def node_local_cache_dir() -> Path:
+    """Where a node keeps its Inductor cache by default: its own disk ($SLURM_TMPDIR, $TMPDIR, else /tmp), one
+    folder per user. Ranks of many nodes compiling into one shared (network) folder race on its lock files and
+    wait on every lookup; the ranks of one node share theirs."""
+    root = os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(root) / f"jetmoe-inductor-{os.getuid()}"
+
+
+def use_cache_dir(cache_dir: str | Path | None) -> Path:
+    """Point Inductor's (and Triton's) on-disk cache at `cache_dir` (None: `node_local_cache_dir()`) unless the
+    user chose one in TORCHINDUCTOR_CACHE_DIR (Inductor writes its temp-directory default into the environment the
+    first time it looks)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) if cache_dir else node_local_cache_dir())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def ranks_on_this_node() -> int:
+    """Processes a launcher started on this node (torchrun and the deepspeed launcher: LOCAL_WORLD_SIZE; Slurm:
+    SLURM_NTASKS_PER_NODE), 1 when none says."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0]  # Slurm may write "8(x12)"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cap_compile_threads() -> int:
+    """Inductor's compile workers for this rank: the node's cores shared by its ranks (Inductor's default is every
+    core per process: 8 ranks on a 128-core node would start 1024 workers), unless the user set
+    TORCHINDUCTOR_COMPILE_THREADS. Returns the count in force."""
+    import torch._inductor.config as inductor
+
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        inductor.compile_threads = max(1, cores // ranks_on_this_node())
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(inductor.compile_threads)  # child processes too
+    return int(inductor.compile_threads)
 
 
 def compile_blocks(blocks: Iterable[nn.Module]) -> int:

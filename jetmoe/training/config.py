@@ -77,6 +77,7 @@ class TrainSection:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on with CUDA) | true | false: torch.compile of each block (jetmoe.parallel.compile)
+    compile_cache_dir: Optional[str] = None  # Inductor's cache; None: the node's own disk ($SLURM_TMPDIR, $TMPDIR, /tmp)
     deterministic: bool = False  # torch's deterministic algorithms: bitwise-repeatable steps on one layout
     deepspeed_config: Optional[str] = None  # JSON file whose values override the generated config
     eval_every: int = 100  # 0 = never; also runs after the last step

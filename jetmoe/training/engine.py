@@ -73,13 +73,14 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def compile_on(mode: str, cuda: bool, cache_dir: str | None) -> bool:
-    """train.compile resolved; when on, Inductor's cache goes under the data cache directory (data.cache_dir)."""
-    from jetmoe.paths import resolve_cache_dir
-    from jetmoe.parallel.compile import compile_enabled, use_cache_dir
+    """train.compile resolved; when on, Inductor's cache in `cache_dir` (train.compile_cache_dir; None: the node's
+    own disk) and its compile workers capped per rank."""
+    from jetmoe.parallel.compile import cap_compile_threads, compile_enabled, use_cache_dir
 
     on = compile_enabled(mode, cuda)
     if on:
-        use_cache_dir(resolve_cache_dir(cache_dir))
+        use_cache_dir(cache_dir)
+        cap_compile_threads()
     return on
 
 

@@ -93,9 +93,16 @@ class Trainer:
         start_deepspeed_comm(self.cuda, timedelta(seconds=c.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(
             train, c.optim, c.parallel, mc, self.layout, device=self.device, bf16=self.precision == "bf16",
-            compiled=compile_on(train.compile, self.cuda, c.data.cache_dir), document_mask=c.data.document_mask,
+            compiled=compile_on(train.compile, self.cuda, train.compile_cache_dir), document_mask=c.data.document_mask,
             seq_len=c.data.seq_len, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
+        if self.cuda:  # the attention kernel, chosen once: jetmoe.parallel.attention_backend
+            from jetmoe.parallel.attention_backend import describe, sdpa_priority
+
+            capability = torch.cuda.get_device_capability()
+            self.attention = sdpa_priority(capability)
+            self.attention.__enter__()
+            logger.info(describe(capability) + (" (document masks: FlexAttention)" if c.data.document_mask else ""))
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
         self.loader = self.data.train_loader(train.global_batch_size, train.micro_batch_size,
                                              self.layout.dp_rank, self.layout.dp)
@@ -230,6 +237,9 @@ class Trainer:
         return sum(losses) / len(losses) if losses else None
 
     def close(self) -> None:
+        if getattr(self, "attention", None) is not None:
+            self.attention.__exit__(None, None, None)
+            self.attention = None
         self.watchdog.stop()
         if hasattr(self, "profiler"):
             self.profiler.close()
