@@ -12,6 +12,7 @@ from jetmoe.data.config import DataConfig
 from jetmoe.paths import resolve_cache_dir, resolve_user_path
 from jetmoe.data.mixture import MixtureData, split_source
 from jetmoe.data.mixture_config import MixtureSpec, parse_mixture
+from jetmoe.data.shard_check import check_sizes, verify_units
 from jetmoe.data.shards import (Unit, check_tokenizer_record, iter_texts, plan_units, read_done, token_dtype,
                                 tokenizer_root)
 from jetmoe.data.tokenizer import make_tokenizer
@@ -25,6 +26,7 @@ class MixturePlan:
     tokenizer: object
     root: Path  # the tokenizer's tree in the cache
     hf_cache: Path
+    vocab_size: Optional[int] = None  # the model's: a cached token id at or past it is refused
 
     def all_units(self) -> list[Unit]:
         return [u for name in self.spec.names for u in self.units[name]]
@@ -72,7 +74,7 @@ def plan_mixture(cfg: DataConfig, vocab_size: int, special_tokens: Optional[tupl
                                _round_robin_texts(flat, hf_cache), resolve_user_path)
     if special_tokens is not None and cfg.tokenizer != "builtin":  # the builtin BPE is made for this run
         check_special_tokens(tokenizer, *special_tokens)
-    return MixturePlan(spec, units, tokenizer, tokenizer_root(cache_root, tokenizer.name), hf_cache)
+    return MixturePlan(spec, units, tokenizer, tokenizer_root(cache_root, tokenizer.name), hf_cache, vocab_size)
 
 
 def missing_units(plan: MixturePlan) -> list[Unit]:
@@ -98,6 +100,7 @@ def open_mixture(cfg: DataConfig, plan: MixturePlan, seed: int, log=None) -> Mix
     fingerprint, dtype = plan.tokenizer.fingerprint(), token_dtype(plan.tokenizer.vocab_size)
     train, valid, stats = [], [], {"num_tokens": {}, "num_documents": {}, "train_samples": {}, "valid_samples": {},
                                    "shards": 0, "cache": str(plan.root)}
+    checked = []
     for name in plan.spec.names:
         paths, sizes, docs = [], [], 0
         for unit in plan.units[name]:
@@ -108,6 +111,8 @@ def open_mixture(cfg: DataConfig, plan: MixturePlan, seed: int, log=None) -> Mix
                     f"{unit_dir} ({unit.path}) was tokenized with tokenizer fingerprint {done['tokenizer_fingerprint']} "
                     f"({done['dtype']}), data.tokenizer={plan.tokenizer.name} has {fingerprint} ({dtype.name}); "
                     f"delete that directory and run train/pretokenize.py again")
+            check_sizes(unit_dir, done, dtype, plan.vocab_size)
+            checked.append((unit_dir, done))
             for shard in done["shards"]:
                 paths.append(unit_dir / f"{shard['name']}.bin")
                 sizes.append(int(shard["num_tokens"]))
@@ -115,12 +120,15 @@ def open_mixture(cfg: DataConfig, plan: MixturePlan, seed: int, log=None) -> Mix
         if docs == 0:
             raise JetMoEError(f"data.sources.{name} holds no documents ({len(plan.units[name])} file(s) under "
                               f"{plan.spec.sources[plan.spec.names.index(name)].path}); check the path and text_field")
-        t, v = split_source(paths, sizes, dtype, cfg.seq_len, plan.tokenizer.eos_token_id, cfg.valid_fraction)
+        t, v = split_source(paths, sizes, dtype, cfg.seq_len, plan.tokenizer.eos_token_id, cfg.valid_fraction,
+                            plan.vocab_size)
         train.append(t)
         valid.append(v)
         stats["num_tokens"][name], stats["num_documents"][name] = sum(sizes), docs
         stats["train_samples"][name], stats["valid_samples"][name] = len(t), len(v) if v is not None else 0
         stats["shards"] += len(paths)
+    if cfg.verify == "full":
+        verify_units(checked, dtype, plan.vocab_size, default_num_proc(cfg.num_proc))
     return MixtureData(cfg, plan.spec, plan.tokenizer, train, valid, seed, stats, log)
 
 
@@ -165,3 +173,26 @@ def pretokenize_mixture(cfg: DataConfig, vocab_size: int, task_index: int = 0, n
     if not missing:
         result["stats"] = open_mixture(cfg, plan, 0).stats
     return result
+
+
+def verify_mixture(cfg: DataConfig, vocab_size: int, *, log=None, special_tokens: Optional[tuple] = None) -> dict:
+    """`pretokenize.py --verify`: read every shard of the complete cache and check it against its record."""
+    import time
+
+    plan = plan_mixture(cfg, vocab_size, special_tokens)
+    check_tokenizer_record(plan.root, plan.tokenizer, create=False)
+    missing = missing_units(plan)
+    if missing:
+        raise _missing_error(plan, missing)
+    dtype = token_dtype(plan.tokenizer.vocab_size)
+    units = [(plan.root / u.uid, read_done(plan.root / u.uid)) for u in plan.all_units()]
+    for unit_dir, done in units:
+        check_sizes(unit_dir, done, dtype, vocab_size)
+    num_threads = default_num_proc(cfg.num_proc)
+    if log:
+        log(f"verifying {sum(len(d['shards']) for _, d in units)} shards in {plan.root} with {num_threads} threads")
+    start = time.perf_counter()
+    nbytes = verify_units(units, dtype, vocab_size, num_threads)
+    seconds = time.perf_counter() - start
+    return {"shards": sum(len(d["shards"]) for _, d in units), "bytes": nbytes, "seconds": seconds,
+            "cache": str(plan.root)}

@@ -6,10 +6,12 @@ Layout (an interface: converters may write it):
         tokenizer.json      {name, fingerprint, eos_token_id, bos_token_id, vocab_size, dtype}
         <unit id>/          one input file (or hub split); id = hash(path, size, mtime, text_field, txt_sample_by)
             000000.bin      tokens (dtype above), documents each followed by EOS, no header
-            000000.json     {num_tokens, num_documents}: written after 000000.bin is renamed into place
+            000000.json     {num_tokens, num_documents, bytes, crc32, max_token_id}: written after 000000.bin
+                            is renamed into place (shard_check.py reads the last three)
             ...             a shard closes at the first document end at or past data.shard_tokens tokens
             done.json       {input, tokenizer_fingerprint, dtype, eos_token_id, num_tokens, num_documents,
-                             shards: [{name, num_tokens, num_documents}]}: the unit is complete
+                             shards: [{name, num_tokens, num_documents, bytes, crc32, max_token_id}]}: the unit
+                             is complete
 
 A reader trusts only units with done.json, and only the shards it lists; anything else (a `.tmp-*` file,
 a shard without its .json) is a writer's leftover. A killed writer restarts its unit after the last
@@ -30,6 +32,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from jetmoe.data.mixture_config import SourceSpec
+from jetmoe.data.shard_check import shard_record
 from jetmoe.data.sources import COMPRESSIONS, file_format
 from jetmoe.errors import JetMoEError
 
@@ -209,7 +212,7 @@ def _write_unit_locked(unit, tokenizer, unit_dir, shard_tokens, progress, hf_cac
             for doc in pending:
                 f.write(doc.tobytes())
         os.replace(tmp, unit_dir / f"{name}.bin")
-        meta = {"num_tokens": pending_tokens, "num_documents": len(pending)}
+        meta = {"num_tokens": pending_tokens, "num_documents": len(pending), **shard_record(pending)}
         _write_json_atomic(unit_dir / f"{name}.json", meta)
         shards.append({"name": name, **meta})
         pending, pending_tokens = [], 0
