@@ -225,9 +225,14 @@ class MixtureData:
         return MixtureSampler(self.spec, [len(v) for v in self.train], global_batch_size, self.seed)
 
     def train_loader(self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1) -> MixtureLoader:
-        return MixtureLoader(self.train, self.sampler(global_batch_size), micro_batch_size, dp_rank, dp_size,
-                             self.cfg.document_mask, self.log)
+                     dp_size: int = 1, max_steps: Optional[int] = None) -> MixtureLoader:
+        """`max_steps`: the run's length; a source with a weight too small to draw one sample by then is a
+        warning (once, from data-parallel rank 0)."""
+        sampler = self.sampler(global_batch_size)
+        if max_steps and dp_rank == 0:
+            for line in sampler.unsampled(max_steps):
+                self.log(f"warning: {line}") if self.log else warnings.warn(line, stacklevel=2)
+        return MixtureLoader(self.train, sampler, micro_batch_size, dp_rank, dp_size, self.cfg.document_mask, self.log)
 
     def eval_loaders_by_source(self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                                dp_size: int = 1, max_steps: Optional[int] = None) -> dict[str, EvalLoader]:
