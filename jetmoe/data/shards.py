@@ -62,8 +62,11 @@ def plan_units(spec: SourceSpec) -> list[Unit]:
 
     paths = spec.path if isinstance(spec.path, (list, tuple)) else [spec.path]
     first = str(paths[0])
-    if (len(paths) == 1 and not any(c in first for c in "*?[") and not first.startswith((".", "/", "~"))
-            and first.count("/") <= 1 and not resolve_user_path(first).exists()):  # a hub dataset name
+    if len(paths) == 1 and not any(c in first for c in "*?[") and not resolve_user_path(first).exists():
+        if not _hub_name(first):  # a file that is not there: say so before any network lookup
+            raise JetMoEError(f"data.sources.{spec.name}.path={first}: no such file or directory "
+                              f"{resolve_user_path(first)} (relative paths start from the launch directory; "
+                              f"a hub dataset is named owner/name)")
         name = first
         uid = _digest("hub-v1", name, spec.hub_config, spec.split, spec.text_field)
         return [Unit(spec.name, spec, name, None, 0, uid)]
@@ -77,6 +80,12 @@ def plan_units(spec: SourceSpec) -> list[Unit]:
         uid = _digest("file-v1", str(f.resolve()), st.st_size, st.st_mtime_ns, spec.text_field, spec.txt_sample_by)
         units.append(Unit(spec.name, spec, str(f), file_format(f), st.st_size, uid))
     return units
+
+
+def _hub_name(path: str) -> bool:
+    """owner/name, without a data file's extension: what a hub dataset id looks like (files exist or fail here)."""
+    return (path.count("/") == 1 and not path.startswith((".", "/", "~"))
+            and file_format(Path(path)) is None and not path.endswith(COMPRESSIONS))
 
 
 def tokenizer_root(cache_root: Path, tokenizer_name: str) -> Path:
