@@ -15,7 +15,8 @@ from jetmoe.data.mixture_config import MixtureSpec, parse_mixture
 from jetmoe.data.shard_check import check_sizes, verify_units
 from jetmoe.data.shards import (Unit, check_tokenizer_record, iter_texts, plan_units, read_done, token_dtype,
                                 tokenizer_root)
-from jetmoe.data.tokenizer import make_tokenizer
+from jetmoe.data.builtin_reuse import inputs_record, reusable_builtin
+from jetmoe.data.tokenizer import builtin_path, make_tokenizer
 from jetmoe.errors import JetMoEError
 
 
@@ -26,6 +27,7 @@ class MixturePlan:
     tokenizer: object
     root: Path  # the tokenizer's tree in the cache
     hf_cache: Path
+    tokenizer_record: Optional[dict] = None  # extra fields of the tree's tokenizer.json (the builtin BPE's inputs)
     vocab_size: Optional[int] = None  # the model's: a cached token id at or past it is refused
 
     def all_units(self) -> list[Unit]:
@@ -59,7 +61,7 @@ def check_special_tokens(tokenizer, bos_token_id: Optional[int], eos_token_id: O
                               f"set model.{key}={tok_id} or use the tokenizer the model was made for")
 
 
-def plan_mixture(cfg: DataConfig, vocab_size: int, special_tokens: Optional[tuple] = None) -> MixturePlan:
+def plan_mixture(cfg: DataConfig, vocab_size: int, special_tokens: Optional[tuple] = None, log=None) -> MixturePlan:
     """Check the config, list every source's input files (stat only) and load the tokenizer."""
     spec = parse_mixture(cfg.sources, cfg.phases)
     if cfg.max_tokens is not None:
@@ -70,11 +72,19 @@ def plan_mixture(cfg: DataConfig, vocab_size: int, special_tokens: Optional[tupl
     units = {s.name: plan_units(s) for s in spec.sources}
     flat = [u for name in spec.names for u in units[name]]
     corpus_key = hashlib.sha256(" ".join(u.uid for u in flat).encode()).hexdigest()[:16]
-    tokenizer = make_tokenizer(cfg.tokenizer, vocab_size, cache_root, corpus_key,
-                               _round_robin_texts(flat, hf_cache), resolve_user_path)
-    if special_tokens is not None and cfg.tokenizer != "builtin":  # the builtin BPE is made for this run
-        check_special_tokens(tokenizer, *special_tokens)
-    return MixturePlan(spec, units, tokenizer, tokenizer_root(cache_root, tokenizer.name), hf_cache, vocab_size)
+    texts, record = _round_robin_texts(flat, hf_cache), None
+    if cfg.tokenizer == "builtin":
+        tokenizer_file = reusable_builtin(tokenizer_root(cache_root, "builtin"), cache_root, flat, vocab_size, log)
+        tokenizer_file = tokenizer_file or builtin_path(cache_root, corpus_key, vocab_size)
+        record = inputs_record(flat, vocab_size, tokenizer_file, cache_root)
+        tokenizer = make_tokenizer("builtin", vocab_size, cache_root, None, texts, resolve_user_path,
+                                   builtin_file=tokenizer_file)
+    else:
+        tokenizer = make_tokenizer(cfg.tokenizer, vocab_size, cache_root, corpus_key, texts, resolve_user_path)
+        if special_tokens is not None:  # a user's tokenizer must match the model (the builtin BPE is made for it)
+            check_special_tokens(tokenizer, *special_tokens)
+    return MixturePlan(spec, units, tokenizer, tokenizer_root(cache_root, tokenizer.name), hf_cache, record,
+                       vocab_size)
 
 
 def missing_units(plan: MixturePlan) -> list[Unit]:
@@ -135,7 +145,7 @@ def open_mixture(cfg: DataConfig, plan: MixturePlan, seed: int, log=None) -> Mix
 def build_mixture_data(cfg: DataConfig, vocab_size: int, seed: int = 0, *, log=None,
                        special_tokens: Optional[tuple] = None) -> MixtureData:
     """Every rank calls this; nothing is tokenized here: a missing shard is a one-line error saying what to run."""
-    plan = plan_mixture(cfg, vocab_size, special_tokens)
+    plan = plan_mixture(cfg, vocab_size, special_tokens, log)
     data = open_mixture(cfg, plan, seed, log)
     if log:
         s = data.stats
@@ -157,8 +167,8 @@ def pretokenize_mixture(cfg: DataConfig, vocab_size: int, task_index: int = 0, n
     """Tokenize this task's share of every source's files; when the cache is then complete, open it as a check."""
     from jetmoe.data.pretokenize import assign, pretokenize_units
 
-    plan = plan_mixture(cfg, vocab_size, special_tokens)
-    check_tokenizer_record(plan.root, plan.tokenizer, create=True)
+    plan = plan_mixture(cfg, vocab_size, special_tokens, log)
+    check_tokenizer_record(plan.root, plan.tokenizer, create=True, extra=plan.tokenizer_record)
     mine = assign(plan.all_units(), task_index, num_tasks)
     num_proc = default_num_proc(cfg.num_proc)
     if log:

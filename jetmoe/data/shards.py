@@ -3,7 +3,8 @@
 Layout (an interface: converters may write it):
 
     <cache_dir>/mixture/<tokenizer-slug>-<8 hex>/   one tree per tokenizer (slug and hash of data.tokenizer)
-        tokenizer.json      {name, fingerprint, eos_token_id, bos_token_id, vocab_size, dtype}
+        tokenizer.json      {name, fingerprint, eos_token_id, bos_token_id, vocab_size, dtype
+                             [, trained_on, requested_vocab_size, file: the builtin BPE's, builtin_reuse.py]}
         <unit id>/          one input file (or hub split); id = hash(path, size, mtime, text_field, txt_sample_by)
             000000.bin      tokens (dtype above), documents each followed by EOS, no header
             000000.json     {num_tokens, num_documents, bytes, crc32, max_token_id}: written after 000000.bin
@@ -99,18 +100,22 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def check_tokenizer_record(root: Path, tokenizer, create: bool) -> None:
-    """The tree's tokenizer.json must describe `tokenizer`; a pre-tokenizer writes it the first time."""
+def check_tokenizer_record(root: Path, tokenizer, create: bool, extra: Optional[dict] = None) -> None:
+    """The tree's tokenizer.json must describe `tokenizer`; a pre-tokenizer writes it the first time (with
+    `extra`: the builtin tokenizer's training files, see builtin_reuse.py)."""
     record = {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(), "eos_token_id": tokenizer.eos_token_id,
               "bos_token_id": getattr(tokenizer, "bos_token_id", None), "vocab_size": tokenizer.vocab_size,
-              "dtype": token_dtype(tokenizer.vocab_size).name}
+              "dtype": token_dtype(tokenizer.vocab_size).name, **(extra or {})}
     path = root / "tokenizer.json"
     if path.is_file():
         found = json.loads(path.read_text())
         if found.get("fingerprint") != record["fingerprint"]:
             raise JetMoEError(
                 f"the token cache {root} was made with a different tokenizer (fingerprint {found.get('fingerprint')}, "
-                f"data.tokenizer={tokenizer.name} has {record['fingerprint']}); delete it or set another data.cache_dir")
+                f"data.tokenizer={tokenizer.name} has {record['fingerprint']}); delete it or set another data.cache_dir"
+                + ("; the builtin tokenizer is trained on the data, and this cache predates the record that lets it be "
+                   "reused when the data grows: pin the old one with data.tokenizer=<its tokenizer.json under "
+                   f"{root.parent.parent / 'tokenizers'}>" if tokenizer.name == "builtin" else ""))
     elif create:
         root.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(path, record)
