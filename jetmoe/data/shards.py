@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from jetmoe.data.long_docs import encode_bounded
 from jetmoe.data.mixture_config import SourceSpec
 from jetmoe.data.shard_check import shard_record
 from jetmoe.data.sources import COMPRESSIONS, file_format
@@ -236,7 +237,7 @@ def _write_unit_locked(unit, tokenizer, unit_dir, shard_tokens, progress, hf_cac
             skip -= len(texts)
             continue
         texts, skip = texts[skip:], 0
-        docs = [np.concatenate([np.asarray(ids, dtype=dtype), eos]) for ids in tokenizer.encode_batch(texts)]
+        docs = [np.concatenate([ids, eos]) for ids in encode_bounded(tokenizer, texts, dtype)]
         for doc in docs:
             pending.append(doc)
             pending_tokens += len(doc)
