@@ -11,6 +11,8 @@ With data=mixture it fills the sharded cache with data.num_proc processes (defau
 process may use), printing tokens/s and an ETA; a killed run continues where it stopped. Many nodes:
 `--task I --tasks N` (default: $SLURM_ARRAY_TASK_ID and the array's size) gives this process task I's
 disjoint share of the input files; launch/pretokenize.sbatch runs N such tasks as a Slurm job array.
+`--verify` reads every shard of the complete cache and checks its size, crc32 and token ids against the
+record written with it (data.num_proc threads); a damaged shard is one line naming it, exit status 2.
 """
 
 import os
@@ -59,8 +61,12 @@ def main(argv: list[str]) -> int:
         logger.info(__doc__.strip())
         return 0
     try:
+        verify = "--verify" in argv
+        argv = [a for a in argv if a != "--verify"]
         task, tasks, argv = _task_args(argv)
         config = load(argv, NEEDS)
+        if verify:
+            return _verify_mixture(config, logger)
         if config.data.name == "mixture":
             return _pretokenize_mixture(config, task, tasks, logger)
         return _pretokenize(config, logger)
@@ -82,6 +88,20 @@ def _pretokenize(config, logger) -> int:
                 f"tokenizer {data.tokenizer.name} ({data.tokenizer.vocab_size} tokens), "
                 f"{s['num_tokens'] / (time.perf_counter() - start):,.0f} tokens/s overall")
     logger.info(f"cache: {s['cache']}")
+    return 0
+
+
+def _verify_mixture(config, logger) -> int:
+    from jetmoe.data.mixture_build import verify_mixture
+    from jetmoe.errors import JetMoEError
+
+    if config.data.name != "mixture":
+        raise JetMoEError(f"--verify checks the sharded cache of data=mixture; data={config.data.name} keeps one "
+                          "token file per source, rebuilt when its inputs change")
+    mc = config.model
+    r = verify_mixture(config.data, mc.vocab_size, log=logger.info, special_tokens=(mc.bos_token_id, mc.eos_token_id))
+    logger.info(f"cache verified: {r['cache']}: {r['shards']} shards, {r['bytes'] / 1e9:.2f} GB read in "
+                f"{r['seconds']:.1f}s ({r['bytes'] / 1e9 / max(r['seconds'], 1e-9):.2f} GB/s)")
     return 0
 
 

@@ -27,7 +27,7 @@ class Data:
     stats: dict = field(default_factory=dict)
 
     def train_loader(self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1) -> RankLoader:
+                     dp_size: int = 1, max_steps: Optional[int] = None) -> RankLoader:  # max_steps: for mixtures
         return RankLoader(self.train, global_batch_size, micro_batch_size, dp_rank, dp_size, self.seed,
                           self.cfg.document_mask)
 

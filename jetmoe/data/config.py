@@ -31,6 +31,7 @@ class DataConfig:
     sources: dict = field(default_factory=dict)  # name -> {path, text_field, weight[, hub_config, split]}
     phases: list = field(default_factory=list)  # [{start_step, weights: {name: w}}]; empty: the sources' weights
     shard_tokens: int = 1 << 27  # pre-tokenized shard size (a shard closes at the next document end)
+    verify: str = "size"  # data=mixture, at open: size (a stat per shard) | full (read every shard's crc32)
     require_tokenizer: bool = False  # a recipe made for a given vocabulary: data.tokenizer=builtin is an error
 
     @classmethod
@@ -68,6 +69,9 @@ class DataConfig:
                               "tokenizer.json matching model.vocab_size, e.g. Llama-2's 32k): data.tokenizer=PATH")
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             raise JetMoEError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer")
+        if self.verify not in ("size", "full"):
+            raise JetMoEError(f"data.verify={self.verify!r} is unknown; use size (check shard sizes at open) or full "
+                              f"(also read every shard's checksum)")
         if self.name == "mixture":
             from jetmoe.data.mixture_config import parse_mixture
 

@@ -21,6 +21,7 @@ import numpy as np
 from jetmoe.data.loader import EvalLoader, check_layout, to_micro_batches
 from jetmoe.data.mixture_config import MixtureSpec
 from jetmoe.data.mixture_schedule import MixtureSampler
+from jetmoe.data.shard_check import check_window_ids
 from jetmoe.errors import JetMoEError
 
 
@@ -33,8 +34,9 @@ class SourceWindows:
     """
 
     def __init__(self, paths: list[Path], sizes: list[int], dtype: np.dtype, seq_len: int, eos_token_id: int,
-                 length: int, index: Callable[[np.ndarray], np.ndarray]):
+                 length: int, index: Callable[[np.ndarray], np.ndarray], vocab_size: Optional[int] = None):
         self.paths, self.sizes, self.dtype = paths, sizes, dtype
+        self.vocab_size = vocab_size  # the model's; a window holding a larger id is refused (shard_check)
         self.seq_len, self.eos_token_id = seq_len, eos_token_id
         per_shard = np.maximum((np.asarray(sizes, dtype=np.int64) - 1) // seq_len, 0)
         self.starts = np.concatenate([[0], np.cumsum(per_shard)])  # first window of each shard
@@ -67,19 +69,23 @@ class SourceWindows:
         for row, (shard, w) in enumerate(zip(shards, g - self.starts[shards])):
             start = int(w) * self.seq_len
             out[row] = self._map(int(shard))[start:start + self.seq_len + 1]
+        check_window_ids(out, shards, self.paths, self.vocab_size)
         return out
 
 
-def split_source(paths, sizes, dtype, seq_len, eos, valid_fraction) -> tuple[SourceWindows, Optional[SourceWindows]]:
+def split_source(paths, sizes, dtype, seq_len, eos, valid_fraction,
+                 vocab_size: Optional[int] = None) -> tuple[SourceWindows, Optional[SourceWindows]]:
     """As `packing.split_windows`: every k-th window (k = round(1/valid_fraction)) is held out."""
     probe = SourceWindows(paths, sizes, dtype, seq_len, eos, 0, lambda j: j)
     total = probe.total_windows
     if valid_fraction <= 0:
-        return SourceWindows(paths, sizes, dtype, seq_len, eos, total, lambda j: j), None
+        return SourceWindows(paths, sizes, dtype, seq_len, eos, total, lambda j: j, vocab_size), None
     k = max(2, round(1 / valid_fraction))
     n_valid = total // k
-    train = SourceWindows(paths, sizes, dtype, seq_len, eos, total - n_valid, lambda j: (j // (k - 1)) * k + j % (k - 1))
-    valid = SourceWindows(paths, sizes, dtype, seq_len, eos, n_valid, lambda j: j * k + (k - 1)) if n_valid else None
+    train = SourceWindows(paths, sizes, dtype, seq_len, eos, total - n_valid,
+                          lambda j: (j // (k - 1)) * k + j % (k - 1), vocab_size)
+    valid = (SourceWindows(paths, sizes, dtype, seq_len, eos, n_valid, lambda j: j * k + (k - 1), vocab_size)
+             if n_valid else None)
     return train, valid
 
 
@@ -219,9 +225,14 @@ class MixtureData:
         return MixtureSampler(self.spec, [len(v) for v in self.train], global_batch_size, self.seed)
 
     def train_loader(self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1) -> MixtureLoader:
-        return MixtureLoader(self.train, self.sampler(global_batch_size), micro_batch_size, dp_rank, dp_size,
-                             self.cfg.document_mask, self.log)
+                     dp_size: int = 1, max_steps: Optional[int] = None) -> MixtureLoader:
+        """`max_steps`: the run's length; a source with a weight too small to draw one sample by then is a
+        warning (once, from data-parallel rank 0)."""
+        sampler = self.sampler(global_batch_size)
+        if max_steps and dp_rank == 0:
+            for line in sampler.unsampled(max_steps):
+                self.log(f"warning: {line}") if self.log else warnings.warn(line, stacklevel=2)
+        return MixtureLoader(self.train, sampler, micro_batch_size, dp_rank, dp_size, self.cfg.document_mask, self.log)
 
     def eval_loaders_by_source(self, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                                dp_size: int = 1, max_steps: Optional[int] = None) -> dict[str, EvalLoader]:

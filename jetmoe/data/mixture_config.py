@@ -65,7 +65,12 @@ def _weight(value, where: str) -> int:
         raise JetMoEError(f"{where}={value!r} is not a number; give a weight >= 0")
     if value < 0:
         raise JetMoEError(f"{where}={value} is negative; give a weight >= 0")
-    return round(value * WEIGHT_SCALE)
+    scaled = round(value * WEIGHT_SCALE)
+    if value > 0 and scaled == 0:  # it would silently draw nothing
+        raise JetMoEError(f"{where}={value} is below the smallest weight a mixture represents ({1 / WEIGHT_SCALE:g}, "
+                          f"weights are kept in integer steps of it); give at least {1 / WEIGHT_SCALE:g}, or 0 to "
+                          f"leave the source out")
+    return scaled
 
 
 def _plain(node) -> Any:

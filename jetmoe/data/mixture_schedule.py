@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from jetmoe.data.mixture_config import MixtureSpec
+from jetmoe.data.mixture_config import WEIGHT_SCALE, MixtureSpec
 from jetmoe.data.sampler import GlobalBatchSampler
 from jetmoe.errors import JetMoEError
 
@@ -83,6 +83,29 @@ class MixtureSampler:
         self._phase_totals = []
         for p, nxt in zip(spec.phases, spec.phases[1:]):
             self._phase_totals.append(webster_counts(p.weights, (nxt.start_step - p.start_step) * global_batch_size))
+
+    def unsampled(self, end_step: int) -> list[str]:
+        """One line per (phase, source) with a positive weight that draws no sample before step `end_step`.
+
+        Webster gives integer weight a of total d its first sample at slot n when 2 a n >= d, so over n
+        slots the smallest weight that draws one is (d - a) / (2n - 1) of the others' total; one more
+        integer step covers a tie lost to a source earlier by name."""
+        lines = []
+        G = self.global_batch_size
+        for p, phase in enumerate(self.spec.phases):
+            if phase.start_step >= end_step:
+                break
+            nxt = self.spec.phases[p + 1].start_step if p + 1 < len(self.spec.phases) else end_step
+            n = (min(nxt, end_step) - phase.start_step) * G
+            d = sum(phase.weights)
+            for name, a, got in zip(self.names, phase.weights, webster_counts(phase.weights, n)):
+                if a and not got:
+                    smallest = -(-(d - a) // (2 * n - 1)) + 1
+                    lines.append(f"data source {name!r} draws no sample in phase {p} (steps {phase.start_step + 1}-"
+                                 f"{min(nxt, end_step)}, {n:,} samples): its weight {a / WEIGHT_SCALE:g} is below "
+                                 f"{smallest / WEIGHT_SCALE:.3g}, the smallest that draws one with the other "
+                                 f"weights of that phase; raise it, or give it 0")
+        return lines
 
     def _used(self) -> list[bool]:
         return [any(p.weights[i] for p in self.spec.phases) for i in range(len(self.names))]

@@ -19,10 +19,12 @@ import multiprocessing as mp
 import os
 import queue
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Optional
 
-from jetmoe.data.shards import Unit, write_unit
+from jetmoe.data.shards import Unit, read_done, write_unit
 from jetmoe.errors import JetMoEError
 
 
@@ -83,16 +85,67 @@ class Progress:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer, root, shard_tokens, hf_cache, q) -> None:
+def _init_worker(tokenizer, root, shard_tokens, hf_cache, q, started) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: num_proc says how many
-    _worker.update(tokenizer=tokenizer, root=root, shard_tokens=shard_tokens, hf_cache=hf_cache, q=q)
+    _worker.update(tokenizer=tokenizer, root=root, shard_tokens=shard_tokens, hf_cache=hf_cache, q=q, started=started)
 
 
 def _run_unit(index: int, unit: Unit):
     w = _worker
+    w["started"][index] = 1  # shared memory, written at once: a queue's message could die with the process
     done = write_unit(unit, w["tokenizer"], w["root"], w["shard_tokens"],
                       progress=lambda t, d: w["q"].put((t, d)), hf_cache=w["hf_cache"])
     return index, done
+
+
+def _run_pool(units, tokenizer, root, shard_tokens, num_proc, hf_cache, progress, busy) -> None:
+    """Whole files per worker process. concurrent.futures, not multiprocessing.Pool: when a worker dies
+    (the OOM killer's SIGKILL), Pool quietly starts another and the lost file's result never comes, so
+    the parent waited forever; ProcessPoolExecutor fails every pending future with BrokenProcessPool."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    started = ctx.Array("b", len(units), lock=False)  # started[i] = 1 once a worker has taken unit i
+
+    def drain(timeout: float) -> None:  # at most `timeout` seconds, however busy the workers are
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            progress.add(*item)
+
+    pool = ProcessPoolExecutor(min(num_proc, len(units)), mp_context=ctx, initializer=_init_worker,
+                               initargs=(tokenizer, root, shard_tokens, hf_cache, q, started))
+    try:
+        pending = {pool.submit(_run_unit, i, u) for i, u in enumerate(units)}
+        while pending:
+            drain(0.2)
+            done_now, pending = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
+            for future in done_now:
+                try:
+                    index, done = future.result()  # re-raises a worker's JetMoEError here
+                except BrokenProcessPool:
+                    raise _dead_worker(units, [i for i in range(len(units)) if started[i]], root) from None
+                if done is None:
+                    busy.append(units[index])
+                else:
+                    progress.unit_done(units[index], done)
+            progress.maybe_print()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    drain(0.1)  # the workers have exited, so their last progress messages are in the pipe
+
+
+def _dead_worker(units: list[Unit], started: list[int], root: Path) -> JetMoEError:
+    """The files taken but not finished are where the dead worker was (one of them, with num_proc > 1)."""
+    finished = sum(read_done(root / units[i].uid) is not None for i in started)
+    names = [units[i].path for i in started if read_done(root / units[i].uid) is None] or ["(not known)"]
+    return JetMoEError(
+        f"a pre-tokenization worker process died (killed by a signal: the out-of-memory killer, or a time limit) "
+        f"while tokenizing one of: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}; the {finished} files "
+        f"finished in this run are kept: run the same command again to resume (with a lower data.num_proc if "
+        f"memory ran out)")
 
 
 def pretokenize_units(units: list[Unit], tokenizer, root: Path, shard_tokens: int, num_proc: int = 1,
@@ -112,31 +165,7 @@ def pretokenize_units(units: list[Unit], tokenizer, root: Path, shard_tokens: in
                 progress.unit_done(unit, done)
             progress.maybe_print()
     else:
-        ctx = mp.get_context("fork")
-        q = ctx.Queue()
-        with ctx.Pool(min(num_proc, len(units)), initializer=_init_worker,
-                      initargs=(tokenizer, root, shard_tokens, hf_cache, q)) as pool:
-            pending = [pool.apply_async(_run_unit, (i, u)) for i, u in enumerate(units)]
-            while pending:
-                try:
-                    while True:
-                        progress.add(*q.get(timeout=0.2))
-                except queue.Empty:
-                    pass
-                still = []
-                for result in pending:
-                    if result.ready():
-                        index, done = result.get()  # re-raises a worker's JetMoEError here
-                        if done is None:
-                            busy.append(units[index])
-                        else:
-                            progress.unit_done(units[index], done)
-                    else:
-                        still.append(result)
-                pending = still
-                progress.maybe_print()
-            while not q.empty():
-                progress.add(*q.get())
+        _run_pool(units, tokenizer, root, shard_tokens, num_proc, hf_cache, progress, busy)
     seconds = time.perf_counter() - progress.start
     progress.maybe_print(force=True)
     return {"tokens": progress.tokens, "documents": progress.documents, "seconds": seconds,

@@ -3,13 +3,16 @@
 Layout (an interface: converters may write it):
 
     <cache_dir>/mixture/<tokenizer-slug>-<8 hex>/   one tree per tokenizer (slug and hash of data.tokenizer)
-        tokenizer.json      {name, fingerprint, eos_token_id, bos_token_id, vocab_size, dtype}
+        tokenizer.json      {name, fingerprint, eos_token_id, bos_token_id, vocab_size, dtype
+                             [, trained_on, requested_vocab_size, file: the builtin BPE's, builtin_reuse.py]}
         <unit id>/          one input file (or hub split); id = hash(path, size, mtime, text_field, txt_sample_by)
             000000.bin      tokens (dtype above), documents each followed by EOS, no header
-            000000.json     {num_tokens, num_documents}: written after 000000.bin is renamed into place
+            000000.json     {num_tokens, num_documents, bytes, crc32, max_token_id}: written after 000000.bin
+                            is renamed into place (shard_check.py reads the last three)
             ...             a shard closes at the first document end at or past data.shard_tokens tokens
             done.json       {input, tokenizer_fingerprint, dtype, eos_token_id, num_tokens, num_documents,
-                             shards: [{name, num_tokens, num_documents}]}: the unit is complete
+                             shards: [{name, num_tokens, num_documents, bytes, crc32, max_token_id}]}: the unit
+                             is complete
 
 A reader trusts only units with done.json, and only the shards it lists; anything else (a `.tmp-*` file,
 a shard without its .json) is a writer's leftover. A killed writer restarts its unit after the last
@@ -29,7 +32,9 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from jetmoe.data.long_docs import encode_bounded
 from jetmoe.data.mixture_config import SourceSpec
+from jetmoe.data.shard_check import shard_record
 from jetmoe.data.sources import COMPRESSIONS, file_format
 from jetmoe.errors import JetMoEError
 
@@ -59,8 +64,11 @@ def plan_units(spec: SourceSpec) -> list[Unit]:
 
     paths = spec.path if isinstance(spec.path, (list, tuple)) else [spec.path]
     first = str(paths[0])
-    if (len(paths) == 1 and not any(c in first for c in "*?[") and not first.startswith((".", "/", "~"))
-            and first.count("/") <= 1 and not resolve_user_path(first).exists()):  # a hub dataset name
+    if len(paths) == 1 and not any(c in first for c in "*?[") and not resolve_user_path(first).exists():
+        if not _hub_name(first):  # a file that is not there: say so before any network lookup
+            raise JetMoEError(f"data.sources.{spec.name}.path={first}: no such file or directory "
+                              f"{resolve_user_path(first)} (relative paths start from the launch directory; "
+                              f"a hub dataset is named owner/name)")
         name = first
         uid = _digest("hub-v1", name, spec.hub_config, spec.split, spec.text_field)
         return [Unit(spec.name, spec, name, None, 0, uid)]
@@ -76,6 +84,12 @@ def plan_units(spec: SourceSpec) -> list[Unit]:
     return units
 
 
+def _hub_name(path: str) -> bool:
+    """owner/name, without a data file's extension: what a hub dataset id looks like (files exist or fail here)."""
+    return (path.count("/") == 1 and not path.startswith((".", "/", "~"))
+            and file_format(Path(path)) is None and not path.endswith(COMPRESSIONS))
+
+
 def tokenizer_root(cache_root: Path, tokenizer_name: str) -> Path:
     p = Path(tokenizer_name)
     readable = p.parent.name if p.suffix == ".json" and p.parent.name else (p.name or tokenizer_name)
@@ -87,18 +101,22 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def check_tokenizer_record(root: Path, tokenizer, create: bool) -> None:
-    """The tree's tokenizer.json must describe `tokenizer`; a pre-tokenizer writes it the first time."""
+def check_tokenizer_record(root: Path, tokenizer, create: bool, extra: Optional[dict] = None) -> None:
+    """The tree's tokenizer.json must describe `tokenizer`; a pre-tokenizer writes it the first time (with
+    `extra`: the builtin tokenizer's training files, see builtin_reuse.py)."""
     record = {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(), "eos_token_id": tokenizer.eos_token_id,
               "bos_token_id": getattr(tokenizer, "bos_token_id", None), "vocab_size": tokenizer.vocab_size,
-              "dtype": token_dtype(tokenizer.vocab_size).name}
+              "dtype": token_dtype(tokenizer.vocab_size).name, **(extra or {})}
     path = root / "tokenizer.json"
     if path.is_file():
         found = json.loads(path.read_text())
         if found.get("fingerprint") != record["fingerprint"]:
             raise JetMoEError(
                 f"the token cache {root} was made with a different tokenizer (fingerprint {found.get('fingerprint')}, "
-                f"data.tokenizer={tokenizer.name} has {record['fingerprint']}); delete it or set another data.cache_dir")
+                f"data.tokenizer={tokenizer.name} has {record['fingerprint']}); delete it or set another data.cache_dir"
+                + ("; the builtin tokenizer is trained on the data, and this cache predates the record that lets it be "
+                   "reused when the data grows: pin the old one with data.tokenizer=<its tokenizer.json under "
+                   f"{root.parent.parent / 'tokenizers'}>" if tokenizer.name == "builtin" else ""))
     elif create:
         root.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(path, record)
@@ -209,7 +227,7 @@ def _write_unit_locked(unit, tokenizer, unit_dir, shard_tokens, progress, hf_cac
             for doc in pending:
                 f.write(doc.tobytes())
         os.replace(tmp, unit_dir / f"{name}.bin")
-        meta = {"num_tokens": pending_tokens, "num_documents": len(pending)}
+        meta = {"num_tokens": pending_tokens, "num_documents": len(pending), **shard_record(pending)}
         _write_json_atomic(unit_dir / f"{name}.json", meta)
         shards.append({"name": name, **meta})
         pending, pending_tokens = [], 0
@@ -219,7 +237,7 @@ def _write_unit_locked(unit, tokenizer, unit_dir, shard_tokens, progress, hf_cac
             skip -= len(texts)
             continue
         texts, skip = texts[skip:], 0
-        docs = [np.concatenate([np.asarray(ids, dtype=dtype), eos]) for ids in tokenizer.encode_batch(texts)]
+        docs = [np.concatenate([ids, eos]) for ids in encode_bounded(tokenizer, texts, dtype)]
         for doc in docs:
             pending.append(doc)
             pending_tokens += len(doc)

@@ -162,13 +162,19 @@ def _load_pretrained(name: str) -> TextTokenizer:
     return TextTokenizer(backend, _eos_from_vocab(backend, name), name)
 
 
+def builtin_path(cache_root: Path, corpus_key: Optional[str], vocab_size: int) -> Path:
+    return cache_root / "tokenizers" / f"bpe-{corpus_key}-v{vocab_size}" / "tokenizer.json"
+
+
 def make_tokenizer(spec: str, vocab_size: int, cache_root: Path, corpus_key: Optional[str],
-                   corpus_texts: Optional[Callable[[], Iterable[str]]], resolve) -> TextTokenizer:
+                   corpus_texts: Optional[Callable[[], Iterable[str]]], resolve,
+                   builtin_file: Optional[Path] = None) -> TextTokenizer:
+    """`builtin_file`: where the builtin BPE is (or is to be trained), instead of the corpus key's place."""
     if spec == "builtin":
         if corpus_texts is None:
             raise JetMoEError("data.tokenizer=builtin needs a non-streaming source to train on; give a tokenizer path")
-        tok = builtin_tokenizer(cache_root / "tokenizers" / f"bpe-{corpus_key}-v{vocab_size}" / "tokenizer.json",
-                                corpus_texts, vocab_size)
+        tok = builtin_tokenizer(builtin_file or builtin_path(cache_root, corpus_key, vocab_size), corpus_texts,
+                                vocab_size)
     else:
         tok = load_tokenizer(spec, resolve)
     if tok.vocab_size > vocab_size:

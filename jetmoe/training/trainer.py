@@ -105,7 +105,7 @@ class Trainer:
             logger.info(describe(capability) + (" (document masks: FlexAttention)" if c.data.document_mask else ""))
         self.mem_static_mib = rss_mib()  # rank 0's resident memory with model, optimizer and data ready
         self.loader = self.data.train_loader(train.global_batch_size, train.micro_batch_size,
-                                             self.layout.dp_rank, self.layout.dp)
+                                             self.layout.dp_rank, self.layout.dp, max_steps=train.max_steps)
         self.tokens_per_step = train.global_batch_size * c.data.seq_len
         self.flops_per_step = flops_per_token(mc, c.data.seq_len) * self.tokens_per_step
         self.peak = peak_tflops(c.cluster.peak_tflops, self.cuda, self.precision == "bf16")
