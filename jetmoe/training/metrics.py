@@ -21,6 +21,7 @@ from jetmoe.plan.hardware import device_peak_tflops
 from jetmoe.plan.params import ModelShape, count_params
 from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
 from jetmoe.training import wandb_run
+from jetmoe.training.jsonl_cut import cut_after_step
 from jetmoe.training.sampling import format_samples
 from jetmoe.training.tensorboard_log import TensorBoardLogger
 from jetmoe.training.wandb_run import start_wandb
@@ -113,10 +114,7 @@ class MetricsLogger:
             return
         self.file.close()
         for name in ("metrics.jsonl", SAMPLES_FILE):
-            path = self.run_dir / name
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
-                path.write_text("".join(line + "\n" for line in kept))
+            cut_after_step(self.run_dir / name, step)  # one truncate: a kill cannot empty the file
         self.file = open(self.run_dir / "metrics.jsonl", "a")
         if self.bar is not None:
             self.bar.n = step
@@ -166,13 +164,6 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
-
-
-def _row_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a torn last line: drop it
 
 
 def _flatten(row: dict, prefix: str = "") -> dict:
