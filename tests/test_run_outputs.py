@@ -113,3 +113,27 @@ def test_a_last_row_without_its_newline_is_kept_whole(tmp_path):
         f.write(_rows(4))
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert cut_after_step(tmp_path / "absent.jsonl", 3) == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_run_directory_stops_with_one_line_after_a_checkpoint(tmp_path):
+    """Item 13: ENOSPC from the metrics flush and close were two raw tracebacks, and no checkpoint was tried."""
+    import subprocess
+    import sys
+
+    from helpers.ckpt_run import ROOT, command, env, metrics
+    from jetmoe.training.checkpoint import list_checkpoints, verify
+
+    run_dir = tmp_path / "run"
+    argv = command(run_dir, "train.max_steps=5", "checkpoint.every=0")
+    argv[1] = str(ROOT / "tests/helpers/full_disk_pretrain.py")
+    out = subprocess.run(argv, env={**env(tmp_path / "cache"), "JETMOE_TEST_FULL_DISK_STEP": "3"},
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: cannot write the run's logs under {run_dir} after step 3: metrics.jsonl: "
+                               f"{os.strerror(28)}; checkpoint of step 3 saved"), lines[0]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000003"]
+    assert verify(run_dir / "checkpoints" / "step_00000003") == []
+    assert sorted(metrics(run_dir)) == [1, 2] and not (run_dir / "run.lock").exists()

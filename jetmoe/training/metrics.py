@@ -93,6 +93,7 @@ class MetricsLogger:
         self.max_steps, self.log_every = max_steps, log_every
         self.run_dir = Path(run_dir)
         self.file = None
+        self.write_error: str | None = None  # the first write error under the run directory (a full disk)
         self.wandb = None
         self.tensorboard = None
         self.bar = None
@@ -123,8 +124,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self._write(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()), "metrics.jsonl")
         scalars = _flatten(row)
         if self.wandb is not None:
             self.wandb.log(scalars)
@@ -143,14 +143,28 @@ class MetricsLogger:
         """Text samples of one step (jetmoe.training.sampling): samples.jsonl, console, wandb, TensorBoard."""
         if not self.enabled or not records:
             return
-        with open(self.run_dir / SAMPLES_FILE, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
+
+        def append():
+            with open(self.run_dir / SAMPLES_FILE, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+
+        self._write(append, SAMPLES_FILE)
         if self.settings.console:
             logger.info(format_samples(records))
         if self.wandb is not None:
             wandb_run.log_samples(self.wandb, records)
         if self.tensorboard is not None:
             self.tensorboard.log_samples(records)
+
+    def _write(self, write, name: str) -> None:
+        """Run `write`; the first OSError is kept in write_error (jetmoe.training.write_errors then stops the run
+        after a checkpoint) and later writes are skipped rather than raising mid-step."""
+        if self.write_error is not None:
+            return
+        try:
+            write()
+        except OSError as e:
+            self.write_error = f"{name}: {e.strerror or e}"
 
     def close(self) -> None:
         if not self.enabled:
@@ -159,7 +173,12 @@ class MetricsLogger:
             set_progress_bar(None)
             self.bar.close()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()  # closed even when its last flush fails (that error is reported once, here)
+            except OSError as e:
+                if self.write_error is None:  # else the run already stopped with one line saying so
+                    self.write_error = f"metrics.jsonl: {e.strerror or e}"
+                    logger.error(f"error: could not write {self.run_dir / 'metrics.jsonl'}: {e.strerror or e}")
         if self.wandb is not None:
             self.wandb.finish()
         if self.tensorboard is not None:

@@ -34,6 +34,7 @@ from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
 from jetmoe.training.watchdog import Watchdog
+from jetmoe.training.write_errors import stop_if_unwritable
 
 logger = get_logger(__name__)
 
@@ -153,6 +154,7 @@ class Trainer:
                     f"{self.state.step}); lower train.lr or check the data. The last checkpoint is untouched")
             self.checkpoint.after_step(self.state.step)
             stop = self.checkpoint.should_stop(self.state.step)
+            stop_if_unwritable(self.metrics, self.checkpoint, self.state.step, self.run_dir)  # a full disk: one line
         self.checkpoint.finish(self.state.step)
         return rows
 
