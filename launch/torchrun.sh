@@ -68,9 +68,28 @@ trap 'rm -f "$JETMOE_STOP_FILE"' EXIT
 SETSID=(); if command -v setsid >/dev/null 2>&1; then SETSID=(setsid); fi
 ( trap '' USR1; exec "${SETSID[@]}" "$PYTHON" -m torch.distributed.run "${args[@]}" "$ROOT/train/pretrain.py" "$@" ) &
 agent=$!
+# A signal is delivered once every training process of this node catches it (its SigCgt mask in /proc): one
+# that came before the workers existed, or before their entry script set its handlers, is held, not lost.
+pending=""
+catches() {  # catches PID SIGNAL: the process has a handler for the signal
+  local mask num
+  mask="$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null)" || return 1
+  num="$(kill -l "$2")"
+  [ -n "$mask" ] && (( (16#$mask >> (num - 1)) & 1 ))
+}
+deliver() {
+  [ -n "$pending" ] || return 0
+  local pids pid
+  pids="$(pgrep -P "$agent" 2>/dev/null || true)"
+  [ "$(echo $pids | wc -w)" -ge "$NPROC_PER_NODE" ] || return 0
+  for pid in $pids; do catches "$pid" "$pending" || return 0; done
+  kill "-$pending" $pids 2>/dev/null || true
+  pending=""
+}
 forward() {
   echo "[torchrun.sh] SIG$1: asking the training processes on $(hostname -s) to checkpoint and stop" >&2
-  pkill "-$1" -P "$agent" 2>/dev/null || true
+  pending="$1"
+  deliver
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM HUP
@@ -78,6 +97,11 @@ trap 'forward INT' INT
 
 rc=0
 while true; do
+  if [ -n "$pending" ] && kill -0 "$agent" 2>/dev/null; then
+    sleep 0.2
+    deliver
+    continue
+  fi
   wait "$agent" && rc=0 || rc=$?
   kill -0 "$agent" 2>/dev/null || break  # wait was only interrupted by a trapped signal
 done

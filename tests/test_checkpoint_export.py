@@ -79,3 +79,14 @@ def test_cli_refuses_non_empty_output_and_damaged_checkpoint(trained, tmp_path):
     with pytest.raises(JetMoEError, match="model-pp00.safetensors"):
         export_hf(damaged, tmp_path / "never", log=lambda s: None)
     assert not (tmp_path / "never").exists()
+
+
+def test_an_output_under_a_file_is_one_line_before_the_checkpoint_is_read(trained, tmp_path):
+    """Issue 21 item 14: OUT_DIR whose parent is a file gave a raw NotADirectoryError."""
+    _, folder = trained
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(JetMoEError) as refused:
+        export_hf(folder, tmp_path / "a-file" / "export", log=lambda s: None)
+    assert str(refused.value) == (f"output folder {tmp_path / 'a-file' / 'export'} is not writable "
+                                  f"({tmp_path / 'a-file'} is a file); choose another OUT_DIR")
+    assert (tmp_path / "a-file").read_text() == "mine"

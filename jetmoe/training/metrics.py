@@ -21,6 +21,7 @@ from jetmoe.plan.hardware import device_peak_tflops
 from jetmoe.plan.params import ModelShape, count_params
 from jetmoe.plan.throughput import flops_per_token as plan_flops_per_token
 from jetmoe.training import wandb_run
+from jetmoe.training.jsonl_cut import cut_after_step
 from jetmoe.training.sampling import format_samples
 from jetmoe.training.tensorboard_log import TensorBoardLogger
 from jetmoe.training.wandb_run import start_wandb
@@ -92,6 +93,7 @@ class MetricsLogger:
         self.max_steps, self.log_every = max_steps, log_every
         self.run_dir = Path(run_dir)
         self.file = None
+        self.write_error: str | None = None  # the first write error under the run directory (a full disk)
         self.wandb = None
         self.tensorboard = None
         self.bar = None
@@ -113,10 +115,7 @@ class MetricsLogger:
             return
         self.file.close()
         for name in ("metrics.jsonl", SAMPLES_FILE):
-            path = self.run_dir / name
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
-                path.write_text("".join(line + "\n" for line in kept))
+            cut_after_step(self.run_dir / name, step)  # one truncate: a kill cannot empty the file
         self.file = open(self.run_dir / "metrics.jsonl", "a")
         if self.bar is not None:
             self.bar.n = step
@@ -125,8 +124,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self._write(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()), "metrics.jsonl")
         scalars = _flatten(row)
         if self.wandb is not None:
             self.wandb.log(scalars)
@@ -145,14 +143,28 @@ class MetricsLogger:
         """Text samples of one step (jetmoe.training.sampling): samples.jsonl, console, wandb, TensorBoard."""
         if not self.enabled or not records:
             return
-        with open(self.run_dir / SAMPLES_FILE, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
+
+        def append():
+            with open(self.run_dir / SAMPLES_FILE, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+
+        self._write(append, SAMPLES_FILE)
         if self.settings.console:
             logger.info(format_samples(records))
         if self.wandb is not None:
             wandb_run.log_samples(self.wandb, records)
         if self.tensorboard is not None:
             self.tensorboard.log_samples(records)
+
+    def _write(self, write, name: str) -> None:
+        """Run `write`; the first OSError is kept in write_error (jetmoe.training.write_errors then stops the run
+        after a checkpoint) and later writes are skipped rather than raising mid-step."""
+        if self.write_error is not None:
+            return
+        try:
+            write()
+        except OSError as e:
+            self.write_error = f"{name}: {e.strerror or e}"
 
     def close(self) -> None:
         if not self.enabled:
@@ -161,18 +173,16 @@ class MetricsLogger:
             set_progress_bar(None)
             self.bar.close()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()  # closed even when its last flush fails (that error is reported once, here)
+            except OSError as e:
+                if self.write_error is None:  # else the run already stopped with one line saying so
+                    self.write_error = f"metrics.jsonl: {e.strerror or e}"
+                    logger.error(f"error: could not write {self.run_dir / 'metrics.jsonl'}: {e.strerror or e}")
         if self.wandb is not None:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
-
-
-def _row_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a torn last line: drop it
 
 
 def _flatten(row: dict, prefix: str = "") -> dict:

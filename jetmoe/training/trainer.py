@@ -23,6 +23,7 @@ from jetmoe.model import aux_loss
 from jetmoe.parallel.process_group import close_process_group, init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager, ModelParts
+from jetmoe.training.checkpoint.folders import checkpoint_root
 from jetmoe.training.config import RunConfig, precision, use_cuda
 from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineCounters, EngineParts, build_engine, compile_on
@@ -33,6 +34,7 @@ from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
 from jetmoe.training.watchdog import Watchdog
+from jetmoe.training.write_errors import stop_if_unwritable
 
 logger = get_logger(__name__)
 
@@ -77,7 +79,8 @@ class Trainer:
         self.watchdog = Watchdog.for_job(self.rank, train.stall_warn_s)  # peer failures, stalls
         self.is_rank0 = self.rank == 0
         self.run_dir = Path(_agree_on(str(self.run_dir)))
-        self.lock = lock_for_job(self.run_dir, self.is_rank0)  # one job per run directory (before any write)
+        self.lock = lock_for_job(self.run_dir, self.is_rank0,  # one job per run and checkpoint directory
+                                 checkpoints=checkpoint_root(c.checkpoint, self.run_dir))  # (before any write)
         self.model_config = mc = c.model
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.layout = make_layout(self.world, self.rank, c.parallel.pp, c.parallel.ep, mc.num_hidden_layers,
@@ -151,6 +154,7 @@ class Trainer:
                     f"{self.state.step}); lower train.lr or check the data. The last checkpoint is untouched")
             self.checkpoint.after_step(self.state.step)
             stop = self.checkpoint.should_stop(self.state.step)
+            stop_if_unwritable(self.metrics, self.checkpoint, self.state.step, self.run_dir)  # a full disk: one line
         self.checkpoint.finish(self.state.step)
         return rows
 

@@ -47,9 +47,11 @@ def _either(choices) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def check_writable(run_dir: str | Path) -> None:
-    """The run directory can be written: probed with a file in it, or in its nearest existing ancestor
-    when it does not exist yet (permission bits do not stop root, a read-only mount does)."""
+def check_writable(run_dir: str | Path, what: str = "run directory",
+                   fix: str = "pick another with hydra.run.dir=PATH") -> None:
+    """The run directory (or another folder to create: `what`, `fix` name it in the error) can be written: probed
+    with a file in it, or in its nearest existing ancestor when it does not exist yet (permission bits do not stop
+    root, a read-only mount does; an ancestor that is a file stops everyone)."""
     run_dir = Path(run_dir).absolute()
     target = run_dir
     while not target.exists() and target != target.parent:
@@ -61,5 +63,4 @@ def check_writable(run_dir: str | Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise JetMoEError(f"run directory {run_dir} is not writable ({e.strerror or e}); "
-                          "pick another with hydra.run.dir=PATH") from None
+        raise JetMoEError(f"{what} {run_dir} is not writable ({e.strerror or e}); {fix}") from None

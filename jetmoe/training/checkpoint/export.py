@@ -19,6 +19,7 @@ from jetmoe.training.checkpoint import folders
 from jetmoe.training.checkpoint.contents import MODEL_INDEX, OPTIMIZER_INDEX
 from jetmoe.training.checkpoint.parts import PartReader
 from jetmoe.training.checkpoint.rank_files import MASTER
+from jetmoe.training.validate import check_writable
 
 logger = get_logger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -92,6 +93,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         raise JetMoEError(f"output {out} is an existing file; choose a new output folder")
     if out.exists() and any(out.iterdir()):
         raise JetMoEError(f"{out} exists and is not empty; choose a new output folder")
+    check_writable(out, what="output folder", fix="choose another OUT_DIR")  # before reading the checkpoint
     folder = find_checkpoint(checkpoint, log=log)
     config = read_config(folder)
     reader = PartReader(folder, verify="size")  # find_checkpoint verified it

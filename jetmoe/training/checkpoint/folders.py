@@ -52,6 +52,14 @@ def read_latest(root: str | Path) -> str | None:
     return name if _STEP_DIR.match(name) else None
 
 
+def checkpoint_root(settings, run_dir: str | Path) -> Path:
+    """The folder checkpoints go to: checkpoint.dir (a relative path is the user's working directory's),
+    else <run dir>/checkpoints."""
+    from jetmoe.paths import resolve_user_path
+
+    return resolve_user_path(settings.dir) if settings.dir else Path(run_dir) / "checkpoints"
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Folders with a manifest (committed), newest step first. Not yet verified."""
     root = Path(root)

@@ -60,7 +60,7 @@ class CheckpointManager:
         self.background = any(p.is_cuda for p in parts.module.parameters()) if background is None else background
         self.pending = None  # (writer, files, step, started) of an asynchronous save not yet committed
         self.comm = store.default_comm()
-        root = resolve_user_path(settings.dir) if settings.dir else Path(run_dir) / "checkpoints"
+        root = folders.checkpoint_root(settings, run_dir)
         self.root = Path(self.comm.broadcast(str(root)))
         self.launch = self.comm.broadcast(uuid.uuid4().hex[:8])  # names this launch's staging folders
         self.verifier = None  # rank 0: the thread verifying earlier launches' checkpoints for pruning

@@ -13,6 +13,7 @@ import sys
 import threading
 
 from jetmoe.log import EVERY_RANK, get_logger
+from jetmoe.training import early_stop
 
 logger = get_logger(__name__)
 
@@ -27,6 +28,9 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            early, before = early_stop.take_over()  # a stop asked for during start-up (jetmoe.training.early_stop)
+            self._previous.update((sig, h) for sig, h in before.items() if sig in self._previous)
+            self.received = early
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.interrupts:
