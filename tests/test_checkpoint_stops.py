@@ -36,12 +36,12 @@ def test_a_non_finite_stop_commits_the_save_in_flight(tmp_path):
     run_dir = tmp_path / "run"
     line = error_line(nan_run(run_dir, 7, "train.max_steps=10", "checkpoint.every=2", "checkpoint.async=true",
                               "train.max_skipped_steps=1", cache=tmp_path))
-    assert "1 consecutive steps" in line and "step_00000006" in line, line
     root = run_dir / "checkpoints"
     assert read_latest(root) == "step_00000006"
     assert [p.name for p in list_checkpoints(root)] == ["step_00000006", "step_00000004"]
     assert all(verify(p) == [] for p in list_checkpoints(root))
     assert not list(root.glob("*.partial*")) and not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert "1 consecutive steps" in line and "step_00000006" in line, line
 
 
 def test_saves_inside_a_non_finite_streak_never_prune_the_last_finite_checkpoint(tmp_path):
@@ -50,10 +50,10 @@ def test_saves_inside_a_non_finite_streak_never_prune_the_last_finite_checkpoint
     run_dir = tmp_path / "run"
     line = error_line(nan_run(run_dir, 5, "train.max_steps=10", "checkpoint.every=1", "checkpoint.keep=1",
                               "checkpoint.async=false", "train.max_skipped_steps=3", cache=tmp_path))
-    assert "3 consecutive steps" in line and "step_00000004" in line, line
     names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
     assert names == ["step_00000006", "step_00000004"], names
     assert verify(run_dir / "checkpoints/step_00000004") == []
+    assert "3 consecutive steps" in line and "step_00000004" in line, line
 
 
 def _read_only(path):
