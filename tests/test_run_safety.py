@@ -226,7 +226,7 @@ def test_sigint_checkpoints_and_exits_0_and_a_second_one_exits_at_once(tmp_path,
     line = user_error(run(tmp_path / "once", *other, cache=cache))
     assert "was trained on other data" in line and "tokens" in line and "checkpoint.data_changed=continue" in line
     out = ok(run(tmp_path / "once", *other, "checkpoint.data_changed=continue", cache=cache)).stdout
-    assert "continuing on the new data" in out and f"resumed from" in out
+    assert f"continuing on this data from step {stopped}" in out and "resumed from" in out
     assert max(metrics(tmp_path / "once")) == stopped + 1
 
     proc = _start(tmp_path / "twice", cache, "train.global_batch_size=64", "train.micro_batch_size=8",
