@@ -7,3 +7,9 @@ its traceback.
 
 class JetMoEError(Exception):
     """A user-facing error: the message names the problem and the fix, in one line."""
+
+
+class ResumeMismatch(JetMoEError):
+    """The config asks for something the checkpoint cannot continue (another model, data order or mixture
+    past). A config error, never damage: the resume stops with it instead of falling back to an older
+    checkpoint, and nothing is written."""

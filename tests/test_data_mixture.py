@@ -16,7 +16,7 @@ from jetmoe.data.mixture_build import plan_mixture, pretokenize_mixture
 from jetmoe.data.mixture_config import parse_mixture
 from jetmoe.data.mixture_schedule import webster_counts
 from jetmoe.data.pretokenize import assign
-from jetmoe.errors import JetMoEError
+from jetmoe.errors import JetMoEError, ResumeMismatch
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = [{"start_step": 0, "weights": {"web": 0.7, "code": 0.3}},
@@ -132,7 +132,8 @@ def test_resume_allows_future_phases_to_change_but_not_the_past(corpus):
     later = built(corpus(phases=[PHASES[0], {**PHASES[1], "start_step": 9}])).train_loader(20, 5)
     later.load_state_dict(state)  # the switch at 4 has not happened yet at step 3: may move
     earlier = built(corpus(phases=[PHASES[0], {**PHASES[1], "start_step": 2}])).train_loader(20, 5)
-    with pytest.raises(JetMoEError, match="differ from the checkpoint"):
+    with pytest.raises(ResumeMismatch, match=r"data.phases: the weights of steps 1-3 were .* now; only phases that "
+                                             r"start at or after step 3 may change on resume"):
         earlier.load_state_dict(state)
 
 

@@ -93,7 +93,7 @@ def test_every_checkpoint_damaged_stops_and_nothing_damaged_is_deleted(tmp_path,
     damaged = {step: snapshot(_ckpt(tmp_path, step)) for step in (2, 3)}
     config, rows = (tmp_path / "config.yaml").read_text(), (tmp_path / "metrics.jsonl").read_text()
 
-    line = user_error(run(tmp_path, "train.max_steps=6", "checkpoint.every=1", "train.seed=7", cache=cache))
+    line = user_error(run(tmp_path, "train.max_steps=6", "checkpoint.every=1", "train.log_every=3", cache=cache))
     assert "every checkpoint" in line and "step_00000003, step_00000002" in line
     assert "checkpoint.resume=none" in line and "checkpoint.resume=PATH" in line
     assert {step: snapshot(_ckpt(tmp_path, step)) for step in (2, 3)} == damaged
@@ -101,15 +101,21 @@ def test_every_checkpoint_damaged_stops_and_nothing_damaged_is_deleted(tmp_path,
     assert (tmp_path / "metrics.jsonl").read_text() == rows
     assert not (tmp_path / "configs/launch-2.yaml").exists() and not (tmp_path / LOCK).exists()
 
-    # the user's choice: start over beside them. Damaged folders are moved aside, never deleted or counted
-    again = ok(run(tmp_path, "train.max_steps=4", "checkpoint.every=1", "checkpoint.resume=none", cache=cache))
-    assert "step_00000002 is damaged; moved aside" in again.stdout
+    # starting over on top of them is refused too (issue 21: a fresh start never lands on a run's checkpoints)
+    line = user_error(run(tmp_path, "train.max_steps=4", "checkpoint.every=1", "checkpoint.resume=none", cache=cache))
+    assert "would start over" in line and "checkpoint.fresh_start=move_aside" in line
+    assert {step: snapshot(_ckpt(tmp_path, step)) for step in (2, 3)} == damaged
+    # the user's choice: start over with them moved aside, byte for byte, never deleted or counted
+    again = ok(run(tmp_path, "train.max_steps=4", "checkpoint.every=1", "checkpoint.resume=none",
+                   "checkpoint.fresh_start=move_aside", cache=cache))
+    assert "starting over" in again.stdout
     for step in (2, 3):
-        assert snapshot(tmp_path / "checkpoints" / f"step_{step:08d}.damaged") == damaged[step]
+        assert snapshot(tmp_path / "checkpoints" / "previous-1" / f"step_{step:08d}") == damaged[step]
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004", "step_00000003"]
     assert all(verify(p) == [] for p in list_checkpoints(tmp_path / "checkpoints"))
     assert "starting after step 0" in (tmp_path / "configs/launch-2.yaml").read_text()
     assert sorted(metrics(tmp_path)) == [1, 2, 3, 4]
+    assert (tmp_path / "previous-1" / "metrics.jsonl").read_text() == rows
 
     # export reads past a garbled `latest` too
     (tmp_path / "checkpoints/latest").write_bytes(b"\xff\xfe garbage")
@@ -220,7 +226,7 @@ def test_sigint_checkpoints_and_exits_0_and_a_second_one_exits_at_once(tmp_path,
     line = user_error(run(tmp_path / "once", *other, cache=cache))
     assert "was trained on other data" in line and "tokens" in line and "checkpoint.data_changed=continue" in line
     out = ok(run(tmp_path / "once", *other, "checkpoint.data_changed=continue", cache=cache)).stdout
-    assert "continuing on the new data" in out and f"resumed from" in out
+    assert f"continuing on this data from step {stopped}" in out and "resumed from" in out
     assert max(metrics(tmp_path / "once")) == stopped + 1
 
     proc = _start(tmp_path / "twice", cache, "train.global_batch_size=64", "train.micro_batch_size=8",

@@ -8,7 +8,7 @@ import numpy as np
 
 from jetmoe.data.packing import PackedDataset
 from jetmoe.data.sampler import GlobalBatchSampler
-from jetmoe.errors import JetMoEError
+from jetmoe.errors import JetMoEError, ResumeMismatch
 
 
 def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
@@ -62,6 +62,12 @@ def to_micro_batches(windows: np.ndarray, micro_batch_size: int, eos_token_id: i
     return out
 
 
+def continue_hint(step: int) -> str:
+    """The override a data mismatch on resume names (README, the resume rules)."""
+    return (f"or pass checkpoint.data_changed=continue to keep weights, optimizer and step and draw this data from "
+            f"step {step} on")
+
+
 class RankLoader:
     """Endless iterator of steps; each step is a list of micro-batch dicts for this dp rank.
 
@@ -107,18 +113,27 @@ class RankLoader:
         return {"consumed_samples": self.consumed_samples, "seed": self.sampler.seed,
                 "num_samples": self.sampler.num_samples, "global_batch_size": self.global_batch_size}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_resume(self, state: dict) -> None:
+        """Raise ResumeMismatch when a checkpoint's data position cannot continue in this data's order."""
+        step = int(state["consumed_samples"]) // int(state.get("global_batch_size") or self.global_batch_size)
+        if state.get("kind") == "mixture":
+            raise ResumeMismatch(f"data: the checkpoint was trained on a mixture (data=mixture), this run has one "
+                                 f"source; resume with its data config, {continue_hint(step)}")
         if state["seed"] != self.sampler.seed:
-            raise JetMoEError(
-                f"the checkpoint's data order used seed {state['seed']}, this run uses {self.sampler.seed}; "
-                f"resume with the same train.seed"
-            )
+            raise ResumeMismatch(f"train.seed: the checkpoint's data order used {state['seed']}, this run has "
+                                 f"{self.sampler.seed}; resume with train.seed={state['seed']}, {continue_hint(step)}")
         if state["num_samples"] != self.sampler.num_samples:
-            raise JetMoEError(
-                f"the checkpoint was trained on {state['num_samples']} samples, this data has "
-                f"{self.sampler.num_samples}; resume with the same data and data.seq_len (or checkpoint.resume=none)"
-            )
+            raise ResumeMismatch(f"data: the checkpoint was trained on {state['num_samples']} samples, this data has "
+                                 f"{self.sampler.num_samples}; resume with the same data and data.seq_len, "
+                                 f"{continue_hint(step)}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_resume(state)
         self.consumed_samples = int(state["consumed_samples"])
+
+    def start_at_step(self, step: int) -> None:
+        """checkpoint.data_changed=continue: this data's order from the position of optimizer step `step`."""
+        self.consumed_samples = int(step) * self.global_batch_size
 
     def tokens_by_source(self) -> None:
         """One source: nothing beside the row's `tokens` (data=mixture counts tokens per source)."""

@@ -18,11 +18,11 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from jetmoe.data.loader import EvalLoader, check_layout, to_micro_batches
-from jetmoe.data.mixture_config import MixtureSpec
+from jetmoe.data.loader import EvalLoader, check_layout, continue_hint, to_micro_batches
+from jetmoe.data.mixture_config import WEIGHT_SCALE, MixtureSpec
 from jetmoe.data.mixture_schedule import MixtureSampler
 from jetmoe.data.shard_check import check_window_ids
-from jetmoe.errors import JetMoEError
+from jetmoe.errors import JetMoEError, ResumeMismatch
 
 
 class SourceWindows:
@@ -182,28 +182,50 @@ class MixtureLoader:
                 "num_samples": dict(zip(self.sampler.names, self.sampler.num_samples)),
                 "phases": self._schedule_past(self.step)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_resume(self, state: dict) -> None:
+        """Raise ResumeMismatch, naming the key, the checkpoint's value and this run's, when the checkpoint's data
+        position cannot continue under this mixture: what decides the samples of the steps already done
+        (seed, samples per step, the sources' sample counts, the phases begun) must be the same."""
         if state.get("kind") != "mixture":
-            raise JetMoEError("the checkpoint was trained on a single data source, this run uses data=mixture; "
-                              "resume with the same data config (or checkpoint.resume=none)")
+            step = int(state["consumed_samples"]) // int(state.get("global_batch_size") or self.global_batch_size)
+            raise ResumeMismatch(f"data: the checkpoint was trained on a single data source, this run uses "
+                                 f"data=mixture; resume with its data config, {continue_hint(step)}")
+        step = int(state["consumed_samples"]) // int(state["global_batch_size"])
         if state["seed"] != self.sampler.seed:
-            raise JetMoEError(f"the checkpoint's data order used seed {state['seed']}, this run uses "
-                              f"{self.sampler.seed}; resume with the same train.seed")
+            raise ResumeMismatch(f"train.seed: the checkpoint's data order used {state['seed']}, this run has "
+                                 f"{self.sampler.seed}; resume with train.seed={state['seed']}, {continue_hint(step)}")
         if state["global_batch_size"] != self.global_batch_size:
-            raise JetMoEError(f"the checkpoint's mixture was drawn {state['global_batch_size']} samples per step, "
-                              f"this run uses train.global_batch_size={self.global_batch_size}; resume with the same")
+            raise ResumeMismatch(f"train.global_batch_size: the checkpoint's mixture drew {state['global_batch_size']} "
+                                 f"samples per step, this run {self.global_batch_size}; resume with "
+                                 f"train.global_batch_size={state['global_batch_size']}, {continue_hint(step)}")
         mine = dict(zip(self.sampler.names, self.sampler.num_samples))
         if state["num_samples"] != mine:
             changed = sorted(n for n in set(mine) | set(state["num_samples"])
                              if mine.get(n) != state["num_samples"].get(n))
-            raise JetMoEError(f"the checkpoint's data sources differ from this run's in {changed} (sample counts "
-                              f"{[state['num_samples'].get(n) for n in changed]} vs {[mine.get(n) for n in changed]}); "
-                              f"resume with the same sources and data.seq_len (or checkpoint.resume=none)")
-        step = int(state["consumed_samples"]) // self.global_batch_size
-        if [list(p) for p in state["phases"]] != self._schedule_past(step):
-            raise JetMoEError(f"data.phases up to step {step} differ from the checkpoint's "
-                              f"({state['phases']}); only phases starting after step {step} may change on resume")
+            raise ResumeMismatch(f"data.sources: the training samples of {changed} were "
+                                 f"{[state['num_samples'].get(n) for n in changed]} in the checkpoint, "
+                                 f"{[mine.get(n) for n in changed]} now; resume with the same sources, data.seq_len "
+                                 f"and data.valid_fraction, {continue_hint(step)}")
+        saved, now = [list(p) for p in state["phases"]], self._schedule_past(step)
+        if saved != now:
+            raise ResumeMismatch(f"data.phases: the weights of steps 1-{step} were {_readable(saved)} in the "
+                                 f"checkpoint, {_readable(now)} now; only phases that start at or after step {step} "
+                                 f"may change on resume: revert the others, {continue_hint(step)}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_resume(state)
         self.consumed_samples = int(state["consumed_samples"])
+
+    def start_at_step(self, step: int) -> None:
+        """checkpoint.data_changed=continue: this mixture from optimizer step `step` on (its phase, its position in
+        every source's order, its tokens_by_source), as if it had been the data from the start."""
+        self.consumed_samples = int(step) * self.global_batch_size
+
+
+def _readable(phases: list) -> str:
+    """[[start_step, {name: integer weight}]] as the config writes it: start_step and weights."""
+    return str([{"start_step": start, "weights": {n: w / WEIGHT_SCALE for n, w in weights.items()}}
+                for start, weights in phases])
 
 
 @dataclass

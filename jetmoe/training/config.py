@@ -173,7 +173,9 @@ class CheckpointSection:
     keep: int = 2  # newest K kept (0 = all)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, forever (0 = off)
     verify: str = "full"  # full: size + sha256 of each file a rank reads on resume | size: sizes only
-    data_changed: str = "stop"  # resuming onto other data: stop | continue (weights, optimizer, step; new data order)
+    data_changed: str = "stop"  # resuming onto other data: stop | continue (weights, optimizer, step; this data from
+    #                             the step on)
+    fresh_start: str = "refuse"  # resume=none where a run's checkpoints are: refuse | move_aside (into previous-<n>/)
     # the key `checkpoint.async` (`async` is a Python keyword): true | false | null (= on with CUDA): write in a
     # background thread
     async_: Optional[bool] = None
@@ -184,6 +186,7 @@ class CheckpointSection:
         in_range("checkpoint.keep_every", self.keep_every, 0, example="1000 (0 = off)")
         one_of("checkpoint.verify", self.verify, ("full", "size"))
         one_of("checkpoint.data_changed", self.data_changed, ("stop", "continue"))
+        one_of("checkpoint.fresh_start", self.fresh_start, ("refuse", "move_aside"))
         if self.async_ is not None and not isinstance(self.async_, bool):
             raise JetMoEError(f"checkpoint.async={self.async_} is not a boolean; use true, false or null (auto)")
 

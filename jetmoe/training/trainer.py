@@ -112,8 +112,6 @@ class Trainer:
         self.tokens_per_step = train.global_batch_size * c.data.seq_len
         self.flops_per_step = flops_per_token(mc, c.data.seq_len) * self.tokens_per_step
         self.peak = peak_tflops(c.cluster.peak_tflops, self.cuda, self.precision == "bf16")
-        self.metrics = MetricsLogger(self.run_dir, c.logging, self.is_rank0, train.max_steps, train.log_every,
-                                     record=c.resolved)
         logger.info(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                     f"| micro-batches per step {self.parts.grad_accumulation} | precision {self.precision} "
                     f"| run dir {self.run_dir}")
@@ -136,6 +134,9 @@ class Trainer:
         if self.is_rank0:  # every check passed: the directory now describes this launch too
             record_config(self.run_dir, self.config.resolved, self.state.step)
             (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.parts.ds_config, indent=2) + "\n")
+        # only now: a refused resume leaves metrics.jsonl and wandb untouched
+        self.metrics = MetricsLogger(self.run_dir, self.config.logging, self.is_rank0, train.max_steps, train.log_every,
+                                     record=self.config.resolved)
         self.metrics.set_start(self.state.step)
         stop = False
         while self.state.step < train.max_steps and not stop:
@@ -148,11 +149,13 @@ class Trainer:
             if self.sampler.settings.due(self.state.step, train.max_steps):
                 self.metrics.log_samples(self.sampler.sample(self.state.step))
             rows.append(row)
-            if self.skipped_in_a_row >= train.max_skipped_steps:  # before any save: keep the last good one
+            if self.skipped_in_a_row >= train.max_skipped_steps:  # before any save; the one in flight is committed
+                kept = self.checkpoint.drain()
                 raise JetMoEError(
                     f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
-                    f"{self.state.step}); lower train.lr or check the data. The last checkpoint is untouched")
-            self.checkpoint.after_step(self.state.step)
+                    f"{self.state.step}); lower train.lr or check the data. "
+                    + (f"The newest checkpoint of a finite step is kept: {kept}" if kept else "No checkpoint was saved"))
+            self.checkpoint.after_step(self.state.step, self.skipped_in_a_row)
             stop = self.checkpoint.should_stop(self.state.step)
             stop_if_unwritable(self.metrics, self.checkpoint, self.state.step, self.run_dir)  # a full disk: one line
         self.checkpoint.finish(self.state.step)
@@ -247,7 +250,8 @@ class Trainer:
         self.watchdog.stop()
         if hasattr(self, "profiler"):
             self.profiler.close()
-        self.metrics.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
 
 
 def _agree_on(value: str) -> str:
@@ -265,7 +269,7 @@ def run(config: RunConfig, run_dir: str | Path) -> list[dict]:
         trainer.setup()
         rows = trainer.train()
     finally:
-        if hasattr(trainer, "metrics"):
+        if hasattr(trainer, "watchdog"):
             trainer.close()
         if getattr(trainer, "lock", None) is not None:
             trainer.lock.release()

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from jetmoe.errors import JetMoEError
+from jetmoe.errors import JetMoEError, ResumeMismatch
 from jetmoe.training.checkpoint import rng
 from jetmoe.parallel.topology import Layout
 from jetmoe.training.checkpoint.parts import PartReader
@@ -183,15 +183,19 @@ def save(root, step: int, module, optimizer, state: TrainingState, layout: Layou
 
 
 def read_into(folder, module, optimizer, state: TrainingState, layout: Layout = Layout.SINGLE, *,
-              global_names=None, verify: str = "full", finish: bool = True) -> dict:
+              global_names=None, verify: str = "full", finish: bool = True, check=None) -> dict:
     """Load a committed checkpoint folder into this rank's module / optimizer / scheduler / loader, reading
     only what this rank holds (its stage's weights, its expert rows, its ZeRO-1 fragments) and verifying
     each file it reads (see parts.PartReader). Works for any (pp, dp, ep) of the saving run; no collective
     until finish_load. Returns trainer_state.json; state.bytes_read counts the bytes read. finish=False: the caller calls
-    finish_load(optimizer) (a collective) once every rank has read without error."""
+    finish_load(optimizer) (a collective) once every rank has read without error. check: called with
+    trainer_state.json (verified) before any tensor is read; it may refuse (raise) or drop named states."""
     reader = PartReader(folder, verify)
     try:
-        trainer_state = _read(reader, folder, module, optimizer, state, layout, global_names)
+        trainer_state = _trainer_state(reader, folder)
+        if check is not None:
+            check(trainer_state)
+        _read(reader, folder, module, optimizer, state, layout, global_names, trainer_state)
     finally:
         state.bytes_read = reader.bytes_read
         reader.close()
@@ -200,13 +204,23 @@ def read_into(folder, module, optimizer, state: TrainingState, layout: Layout = 
     return trainer_state
 
 
+def _trainer_state(reader, folder) -> dict:
+    """trainer_state.json, verified, with the fields every resume reads; anything else is damage (the resume
+    falls back to an older checkpoint), never a raw KeyError."""
+    state = reader.json(TRAINER_STATE)
+    ok = (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("layout"), dict)
+          and isinstance(state.get("lrs"), list) and isinstance(state.get("optimizer_step", 0), int))
+    if not ok:
+        raise JetMoEError(f"{Path(folder) / TRAINER_STATE} lacks its step, layout or lrs; the checkpoint is damaged")
+    return state
+
+
 def finish_load(optimizer) -> None:
     """After read_into on every rank (collective): rebuild working weights from the loaded fp32 partitions."""
     access_for(optimizer).finish_load()
 
 
-def _read(reader, folder, module, optimizer, state, layout, global_names) -> dict:
-    trainer_state = reader.json(TRAINER_STATE)
+def _read(reader, folder, module, optimizer, state, layout, global_names, trainer_state) -> None:
     weight_map = reader.json(MODEL_INDEX)["weight_map"]
     optim_index = reader.json(OPTIMIZER_INDEX) if reader.has(OPTIMIZER_INDEX) else {}
     masters = optim_index.get(MASTER, {})
@@ -214,17 +228,17 @@ def _read(reader, folder, module, optimizer, state, layout, global_names) -> dic
     with_optimizer = optimizer is not None
     if with_optimizer:
         if not all(optim_index.get(key) for key in OPTIMIZER_KEYS):
-            raise JetMoEError(f"{folder} holds no optimizer state; start from it with model.init_from={folder}")
+            raise ResumeMismatch(f"{folder} holds no optimizer state; start from it with model.init_from={folder}")
         access.prepare_load()
 
     for e in entries(module, name_fn(global_names)):
         if e.name not in weight_map:
-            raise JetMoEError(f"{folder} has no weight {e.name}; the model config differs from the one it was saved with")
+            raise ResumeMismatch(f"{folder} has no weight {e.name}; the model config differs from the one it was saved with")
         file = weight_map[e.name]
         whole = tuple(reader.shape(file, e.name))
         expected = (e.param.shape[0] * e.ep_size, *e.param.shape[1:])
         if whole != expected:
-            raise JetMoEError(f"{folder}: {e.name} has shape {whole}, this model needs {expected}; "
+            raise ResumeMismatch(f"{folder}: {e.name} has shape {whole}, this model needs {expected}; "
                               "the model config differs from the one it was saved with")
         lo = e.ep_rank * e.param.numel()  # this rank's expert rows are one flat range of the whole tensor
         master = masters.get(e.name)
@@ -268,7 +282,6 @@ def _read(reader, folder, module, optimizer, state, layout, global_names) -> dic
         rng.restore({k: reader.tensor(rng_file, k) for k in header if k != "__metadata__"},
                     header.get("__metadata__") or {})
     state.step = int(trainer_state["step"])
-    return trainer_state
 
 
 def _restore_lrs(optimizer, lrs: list[float]) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def checkpoint_root(settings, run_dir: str | Path) -> Path:
     return resolve_user_path(settings.dir) if settings.dir else Path(run_dir) / "checkpoints"
 
 
+def check_writable(root: str | Path) -> None:
+    """Before step 1: raise the one-line error if checkpoints could not be written under `root` (read-only,
+    a file in the way, no permission). Probes the folder, or the nearest existing folder above it, with a
+    file created and removed at once; creates nothing else."""
+    root = Path(root)
+    probe_in = root
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    try:
+        if not probe_in.is_dir():
+            raise NotADirectoryError(f"{probe_in} is a file")
+        fd, name = tempfile.mkstemp(prefix=".write-check-", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise JetMoEError(f"checkpoint.dir {root} is not writable ({e.strerror or e}); make it writable or point "
+                          "checkpoint.dir at a folder this job can write") from None
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Folders with a manifest (committed), newest step first. Not yet verified."""
     root = Path(root)
@@ -97,6 +117,11 @@ _KNOWN: dict[Path, bool] = {}
 def note_intact(folder: str | Path) -> None:
     """A folder this process has just committed (its hashes were computed from the bytes written)."""
     _KNOWN[Path(folder).resolve()] = True
+
+
+def forget(folder: str | Path) -> None:
+    """Drop what this process learnt about a folder (it is about to move)."""
+    _KNOWN.pop(Path(folder).resolve(), None)
 
 
 def verify(folder: str | Path, hashes: bool = True) -> list[str]:
@@ -183,8 +208,9 @@ def every_checkpoint_damaged(root: str | Path) -> JetMoEError:
     """The error of a `checkpoint.resume=auto` that found checkpoints but none intact: it names them and the
     user's two ways on (the trainer never deletes or overwrites them)."""
     return JetMoEError(f"checkpoint.resume=auto: every checkpoint in {root} is damaged "
-                       f"({_names(list_checkpoints(root))}; left untouched): checkpoint.resume=none starts over "
-                       "beside them, checkpoint.resume=PATH resumes from a folder you choose")
+                       f"({_names(list_checkpoints(root))}; left untouched): checkpoint.resume=PATH resumes from a "
+                       "folder you choose; to start over, pick a new run directory (hydra.run.dir=...) or pass "
+                       "checkpoint.resume=none checkpoint.fresh_start=move_aside (moves them into previous-<n>/)")
 
 
 def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
@@ -205,10 +231,10 @@ def _newest_intact(root: Path, hashes: bool, log) -> Path | None:
 
 
 def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
-          protect: str | Path | None = None, unknown: str = "verify") -> list[Path]:
+          protect=None, unknown: str = "verify") -> list[Path]:
     """Keep the newest `keep` intact checkpoints (keep <= 0: keep all), those whose step is a multiple of
-    `keep_every` (> 0: kept forever, e.g. for annealing branches) and `protect` (the folder just
-    committed); delete older intact ones and stale staging folders. Damaged folders neither count nor are
+    `keep_every` (> 0: kept forever, e.g. for annealing branches) and `protect` (a folder or several: the one
+    just committed, the trainer's newest of a finite step); delete older intact ones and stale staging folders. Damaged folders neither count nor are
     deleted, so the newest intact checkpoint always stays, and checkpoints newer than the one a run resumed
     from outlive that run's saves until `keep` newer intact ones exist.
 
@@ -217,7 +243,8 @@ def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
     for a later prune instead (neither counted nor deleted: more are kept, never fewer), for a trainer whose
     verify_in_background is reading them, so a commit never waits for ~100 GB of old checkpoints."""
     root = Path(root)
-    protect = Path(protect).resolve() if protect is not None else None
+    protect = [protect] if isinstance(protect, (str, Path)) else list(protect or ())
+    protect = {Path(p).resolve() for p in protect if p is not None}
     removed = []
     if keep > 0:
         intact = 0
@@ -230,7 +257,7 @@ def prune(root: str | Path, keep: int, keep_every: int = 0, hashes: bool = True,
                 known = not verify(folder, hashes)
             if not known:
                 continue
-            if intact < keep or key == protect:
+            if intact < keep or key in protect:
                 intact += 1
                 continue
             if keep_every > 0 and int(_STEP_DIR.match(folder.name).group(1)) % keep_every == 0:

@@ -8,7 +8,9 @@ among them), the DeepSpeed engine's counters ("engine").
 
 Settings: the `checkpoint` section: every (0 = only on a stop signal), dir (None = <run dir>/checkpoints),
 resume=auto|none|PATH, keep, keep_every, verify=full|size, async (null = on with CUDA), data_changed=stop|continue
-(what a resume onto data with another fingerprint does); and model.init_from=PATH (a transformers directory).
+(what a resume onto other data, data order or past mixture does), fresh_start=refuse|move_aside (what resume=none
+does where a run's checkpoints are); and model.init_from=PATH (a transformers directory). What else may change on
+resume, what is refused and what is applied: resume_rules.
 
 Asynchronous saves: `save` blocks only while the tensors are copied to host buffers; a thread writes,
 hashes and fsyncs them. The save is committed (manifest, rename, `latest`) at the first step boundary
@@ -23,12 +25,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from jetmoe.errors import JetMoEError
+from jetmoe.errors import JetMoEError, ResumeMismatch
 from jetmoe.log import get_logger
 from jetmoe.parallel.topology import Layout
 from jetmoe.paths import resolve_user_path
-from jetmoe.training.checkpoint import contents, folders, rank_files, store
-from jetmoe.training.checkpoint.parts import PartReader
+from jetmoe.training.checkpoint import contents, folders, fresh_start, rank_files, resume_rules, store
 from jetmoe.training.checkpoint.signals import StopSignal, report_stop
 
 logger = get_logger(__name__)
@@ -68,6 +69,10 @@ class CheckpointManager:
             rank_files.create_host_groups(parts.module, parts.global_names)
         self.run_dir = Path(run_dir)
         self.last_saved: int | None = None
+        self._data_restarts = False  # checkpoint.data_changed=continue took effect: the data follows the step
+        self.streak = 0  # the trainer's count of non-finite steps in a row at the last step boundary
+        # the newest checkpoint of a finite step: a save taken inside a streak of skipped steps never prunes it
+        self.last_finite: Path | None = None
         self.signal = StopSignal()
 
     def _contents_state(self, step: int) -> contents.TrainingState:
@@ -90,9 +95,12 @@ class CheckpointManager:
         spec = str(self.settings.resume)
         if spec.lower() not in ("auto", "none") and not spec.startswith("/"):
             spec = str(resolve_user_path(spec))
+        self._agree(lambda: folders.check_writable(self.root))  # not at the first save, hours later
         found = self._agree(lambda: folders.resolve(spec, self.root, hashes=False))
         parts = self.parts
-        if found is None:
+        if found is None:  # a fresh start: never on top of an earlier launch's checkpoints or rows
+            self._agree(lambda: fresh_start.prepare(self.run_dir, self.root, spec, self.settings.fresh_start,
+                                                    logger.info))
             if self.init_from:
                 started = time.perf_counter()
                 contents.read_weights_into(resolve_user_path(self.init_from), parts.module, parts.optimizer,
@@ -103,16 +111,21 @@ class CheckpointManager:
         while True:
             started = time.perf_counter()
             state = self._contents_state(0)
-            if not self._same_data(Path(found)):
-                state.states.pop("data", None)  # checkpoint.data_changed=continue: the new data's order starts afresh
-            problem = None
+            self._data_restarts = False
+            problem = refusal = None
             try:
                 saved = contents.read_into(found, parts.module, parts.optimizer, state, parts.layout,
-                                           global_names=parts.global_names, verify=self.verify, finish=False)
-            except JetMoEError as e:
+                                   global_names=parts.global_names, verify=self.verify, finish=False,
+                                   check=lambda saved: self._check_resume(Path(found), saved, state))
+            except ResumeMismatch as e:  # the config's, not the bytes': no fallback, nothing written
+                refusal = str(e)
+            except JetMoEError as e:  # what verification found in the bytes: damage
                 problem = str(e)
-            problems = self.comm.gather(problem)
-            problem = self.comm.broadcast(next((p for p in problems if p), None) if problems else None)
+            reports = self.comm.gather((problem, refusal))
+            first = lambda i: next((r[i] for r in reports if r[i]), None)  # noqa: E731
+            problem, refusal = self.comm.broadcast((first(0), first(1)) if reports else None)
+            if refusal is not None:
+                raise JetMoEError(refusal if Path(found).name in refusal else f"cannot resume from {found}: {refusal}")
             if problem is None:
                 contents.finish_load(parts.optimizer)
                 break
@@ -123,8 +136,11 @@ class CheckpointManager:
             if found is None:
                 logger.info(f"checkpoint: {failed.name} is damaged ({problem})")
                 raise folders.every_checkpoint_damaged(self.root)
+        if self._data_restarts:  # checkpoint.data_changed=continue: the new data from this step on
+            self.states["data"].start_at_step(state.step)
+        self._apply_schedule()
         elapsed = time.perf_counter() - started
-        self.last_saved = state.step
+        self.last_saved, self.last_finite = state.step, Path(found)
         saved_layout, now = saved.get("layout", {}), parts.layout.as_dict()
         moved = "" if saved_layout == now else f" (saved with {saved_layout}, now {now})"
         read = self.comm.gather(state.bytes_read)
@@ -136,24 +152,48 @@ class CheckpointManager:
                         f"({max(read) / share:.2f}x)")
         return state.step
 
-    def _same_data(self, found: Path) -> bool:
-        """False when the checkpoint was trained on other data and checkpoint.data_changed=continue; raises
-        when it was and the key says stop. Checkpoints without a fingerprint (older ones) count as the same."""
+    def _check_resume(self, found: Path, saved: dict, state: contents.TrainingState) -> None:
+        """Before any tensor is read (every rank, trainer_state.json verified): the resume rules
+        (resume_rules; README). A refusal raises ResumeMismatch; a data change with checkpoint.data_changed=continue
+        drops the data position, which then follows the step."""
         from jetmoe.data.fingerprint import describe_change
 
-        choice = self.settings.data_changed
-        saved = (PartReader(found, "size").json(contents.TRAINER_STATE).get("extra") or {}).get("data_fingerprint")
+        refusal = resume_rules.refused_change(saved.get("config"), self.record, found)
+        if refusal:
+            raise ResumeMismatch(refusal)
+        step = int(saved["step"])
+        before = (saved.get("extra") or {}).get("data_fingerprint")
         now = self.data_fingerprint
-        if saved is None or now is None or saved.get("id") == now.get("id"):
-            return True
-        change = describe_change(saved, now)
-        if choice == "stop":
-            raise JetMoEError(f"checkpoint {found} was trained on other data ({change}); to keep its weights, "
-                              "optimizer and step on this data pass checkpoint.data_changed=continue (the data order "
-                              "restarts), or start over with checkpoint.resume=none")
-        logger.info(f"checkpoint: data changed since {found.name} ({change}); continuing on the new data "
-                    "(checkpoint.data_changed=continue), its order from the start")
-        return False
+        change = None
+        if before is not None and now is not None and before.get("id") != now.get("id"):
+            change = (f"checkpoint {found} was trained on other data ({describe_change(before, now)}); to keep its "
+                      f"weights, optimizer and step on this data pass checkpoint.data_changed=continue (this data from "
+                      f"step {step} on), or train on it in a new run directory")
+        loader = state.states.get("data")
+        if change is None and saved.get("data") is not None and hasattr(loader, "check_resume"):
+            try:
+                loader.check_resume(saved["data"])
+            except ResumeMismatch as e:
+                change = str(e)
+        if change is not None:
+            if self.settings.data_changed != "continue":
+                raise ResumeMismatch(change)
+            state.states.pop("data", None)
+            self._data_restarts = True
+            logger.info(f"checkpoint: the data differs from {found.name}'s ({change.split(';')[0]}); continuing on "
+                        f"this data from step {step} (checkpoint.data_changed=continue)")
+        applied = resume_rules.applied_changes(saved.get("config"), self.record)
+        if applied:
+            logger.info(f"checkpoint: applied on resume (changed since {found.name}): {', '.join(applied)}")
+
+    def _apply_schedule(self) -> None:
+        """This run's peak lr and schedule from the resumed step on (the resume rules: applied, never ignored)."""
+        scheduler = self.states.get("scheduler")
+        lr = ((self.record or {}).get("train") or {}).get("lr")
+        if scheduler is None or lr is None or self.parts.optimizer is None \
+                or not hasattr(scheduler, "lr_lambdas"):
+            return
+        resume_rules.apply_peak_lr(scheduler, lr)
 
     def _agree(self, pick):
         """Rank 0 runs pick() -> folder or None (JetMoEError: the problem); every rank gets the answer."""
@@ -181,7 +221,7 @@ class CheckpointManager:
         """Save step `step`. background: return once the tensors are on the host; the files are written
         in a thread and committed later (commit_pending). Collective."""
         if self.pending is not None:
-            writer, _, pending_step, _ = self.pending
+            writer, _, pending_step, _, _ = self.pending
             if writer.writing():
                 waited = time.perf_counter()
                 writer.wait()
@@ -195,24 +235,34 @@ class CheckpointManager:
                                model_config=parts.model_config, global_names=parts.global_names,
                                tokenizer=parts.tokenizer, background=background)
         self.last_saved = step
+        finite = self.streak == 0
         if background:
             self.blocked_s = time.perf_counter() - started
-            self.pending = (writer, files, step, started)
+            self.pending = (writer, files, step, started, finite)
             logger.info(f"checkpoint: step {step} copied to host in {self.blocked_s:.2f}s; writing in the background")
             return writer.final
-        return self._commit(writer, files, step, started)
+        return self._commit(writer, files, step, started, finite)
 
     def commit_pending(self) -> Path | None:
         """Commit the asynchronous save in flight, waiting for every rank's writes. Collective."""
         if self.pending is None:
             return None
-        writer, files, step, started = self.pending
+        writer, files, step, started, finite = self.pending
         self.pending = None
-        return self._commit(writer, files, step, started)
+        return self._commit(writer, files, step, started, finite)
 
-    def _commit(self, writer, files, step: int, started: float) -> Path:
+    def drain(self) -> Path | None:
+        """Before a stop on an error every rank sees (non-finite steps): commit the save in flight. Returns
+        the newest checkpoint of a finite step. Collective."""
+        self.commit_pending()
+        return self.last_finite
+
+    def _commit(self, writer, files, step: int, started: float, finite: bool) -> Path:
         folder = writer.commit(files, keep=self.keep, keep_every=self.keep_every,
-                               unknown="skip" if self.verifier is not None else "verify")
+                               unknown="skip" if self.verifier is not None else "verify",
+                               also_keep=None if finite else self.last_finite)
+        if finite:
+            self.last_finite = folder
         written = self.comm.gather(writer.bytes_written)
         if self.comm.rank == 0:
             mean = sum(written) / len(written)
@@ -221,7 +271,9 @@ class CheckpointManager:
                         f"the mean)")
         return folder
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, skipped_in_a_row: int = 0) -> None:
+        """skipped_in_a_row: the trainer's count of consecutive non-finite steps ending at `step`."""
+        self.streak = skipped_in_a_row
         if self.pending is not None and self.comm.all_true(not self.pending[0].writing()):
             self.commit_pending()
         if self.every and step % self.every == 0:

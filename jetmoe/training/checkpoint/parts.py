@@ -104,8 +104,16 @@ class PartReader:
 
     def _header(self, file: str) -> tuple[int, dict]:
         if file not in self._headers:
-            (n,) = struct.unpack("<Q", self._bytes(file, 0, 8))
-            header = json.loads(bytes(self._bytes(file, 8, n)))
+            try:
+                (n,) = struct.unpack("<Q", self._bytes(file, 0, 8))
+                if 8 + n > self.manifest["files"][file]["size"]:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(bytes(self._bytes(file, 8, n)))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+            except (ValueError, struct.error) as e:  # verify=size reads unhashed bytes: garbage is damage too
+                raise JetMoEError(f"{self.folder / file} has an unreadable safetensors header ({e}); the "
+                                  "checkpoint is damaged") from None
             self._headers[file] = (8 + n, header)
         return self._headers[file]
 
@@ -155,8 +163,12 @@ class PartReader:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def json(self, name: str):
+        """A JSON file of the checkpoint, verified like every other read; unreadable JSON is damage too."""
         self._check(name)
-        return json.loads(bytes(self._bytes(name, 0, self.manifest["files"][name]["size"])))
+        try:
+            return json.loads(bytes(self._bytes(name, 0, self.manifest["files"][name]["size"])))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise JetMoEError(f"{self.folder / name} is not valid JSON ({e}); the checkpoint is damaged") from None
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]

@@ -252,10 +252,10 @@ class CheckpointWriter:
 
     # -- collective
     def commit(self, extra_files: dict[str, Any] | None = None, keep: int = 0, keep_every: int = 0,
-               unknown: str = "verify") -> Path:
+               unknown: str = "verify", also_keep: Path | None = None) -> Path:
         """extra_files: name -> JSON object, written by rank 0 (indexes, trainer state). Returns the folder.
         Waits for this rank's background writes; publishes only when every rank's files are durable.
-        keep, keep_every, unknown: then prune (folders.prune)."""
+        keep, keep_every, unknown: then prune (folders.prune), which never removes this folder nor also_keep."""
         self.wait()
         gathered = self.comm.gather((self.error, self.records))
         problem = None
@@ -282,7 +282,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.staging, ignore_errors=True)
                 problem = errors[0]
             else:
-                prune(self.root, keep, keep_every, protect=self.final, unknown=unknown)
+                prune(self.root, keep, keep_every, protect=(self.final, also_keep), unknown=unknown)
         problem = self.comm.broadcast(problem)
         if problem:
             raise JetMoEError(problem)
