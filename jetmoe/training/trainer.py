@@ -32,6 +32,7 @@ from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
+from jetmoe.training.nonfinite_trace import sentence, trace_step
 from jetmoe.training.skipped_data import SkippedData
 from jetmoe.training.spike_guard import SpikeGuard
 from jetmoe.training.watchdog import Watchdog
@@ -68,6 +69,7 @@ class Trainer:
         self.state = TrainState()
         self.skipped_in_a_row = 0
         self.next_row: dict = {}  # fields for the next step's row (what a rollback did)
+        self.nonfinite_source = ""  # the last non-finite step's source (jetmoe.training.nonfinite_trace)
 
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
@@ -150,7 +152,7 @@ class Trainer:
                 what = "were loss spikes" if row.get("skip_reason") == "spike" else "had a non-finite loss or gradient"
                 raise JetMoEError(
                     f"{self.skipped_in_a_row} consecutive steps {what} (last at step "
-                    f"{self.state.step}); lower train.lr or check the data. The last "
+                    f"{self.state.step}{self.nonfinite_source}); lower train.lr or check the data. The last "
                     "checkpoint is untouched")
             self.checkpoint.after_step(self.state.step)
             stop = self.checkpoint.should_stop(self.state.step)
@@ -188,7 +190,8 @@ class Trainer:
         elapsed = time.perf_counter() - t0
 
         aux = aux_loss(routers.balance_loss, routers.z_loss, mc.aux_loss_coef, mc.z_loss_coef)
-        skipped = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss) or self.guard.update_skipped
+        nonfinite = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss)
+        skipped = nonfinite or self.guard.update_skipped
         self.state.step += 1
         self.state.skipped_total += int(skipped)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
@@ -215,6 +218,8 @@ class Trainer:
             **peak_memory_mib(self.cuda),
         }
         _merge_row(row, self.guard.after_step(self.state.step))
+        if nonfinite:
+            row["nonfinite"] = self._trace_nonfinite(batches)
         _merge_row(row, self.next_row)
         self.next_row = {}
         by_source = self.loader.tokens_by_source()  # data=mixture: cumulative tokens per source
@@ -226,6 +231,14 @@ class Trainer:
         if every and (self.state.step % every == 0 or self.state.step == 1):
             row["router"] = routers.per_layer()
         return row
+
+    def _trace_nonfinite(self, batches: list) -> dict | None:
+        """Replay the step just skipped as non-finite with every module watched; name the source. Collective."""
+        found = trace_step(self.engine, batches, self.layout.stage, self.rank, self.guard.gate.closed,
+                           [EngineCounters(self.engine), self.parts.scheduler])
+        self.nonfinite_source = f"; {sentence(found)}"
+        logger.warning(f"step {self.state.step} was not finite: {sentence(found)}")
+        return found
 
     def _log_compile_time(self) -> None:
         """Once, after the first step (which compiled every block's graphs, forward and backward)."""
