@@ -33,6 +33,8 @@ PRIVATE_NAMES = (
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "fp32_groups_has_gradients"),  # set in __init__
     # Not underscored, but internal: the training-loss accumulator that eval_batch also adds outputs to.
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "total_loss"),  # set in __init__
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_global_grad_norm"),  # set in step
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_global_grad_norm"),  # set in step
 )
 
 
@@ -174,6 +176,20 @@ def add_bf16_grads_without_temporary(bf16_optimizer) -> None:
             lp.grad.zero_()
 
     bf16_optimizer._update_hp_grad = types.MethodType(_update_hp_grad, bf16_optimizer)
+
+
+def grad_norm_before_update(zero_optimizer):
+    """The global gradient norm (all stages, all dp ranks) that the ZeRO-1 / BF16 optimizer computed for clipping,
+    read between the norm and the update (from inside its inner optimizer's step); None before the first step.
+    DeepSpeed keeps it only as `_global_grad_norm` until the engine copies it after the update."""
+    return getattr(zero_optimizer, "_global_grad_norm", None)
+
+
+# ------------------------------------------------------------------------------------------ pipeline schedule
+def accumulated_train_loss(engine):
+    """The sum of this step's micro-batch losses so far (detached), on the last stage; None elsewhere. During
+    `train_batch` the engine adds each micro-batch's loss to `total_loss` and averages it only after the step."""
+    return engine.total_loss if engine.is_last_stage() else None
 
 
 # ------------------------------------------------------------------------------------------ inference

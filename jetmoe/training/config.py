@@ -68,6 +68,39 @@ DataSection = _schema_from(DataConfig, "DataSection", [])
 
 
 @dataclass
+class SpikeSection:
+    """Loss spikes (jetmoe.training.spike): a step whose LM loss or gradient norm rises above the recent history."""
+
+    policy: str = "off"  # off | skip (no update for that step) | rollback (last checkpoint, skip the spike's data)
+    window: int = 100  # steps of history (mean and deviation); detection starts once the window is full
+    loss_sigma: float = 6.0  # a spike: lm_loss above mean + loss_sigma x deviation (0 = ignore the loss) ...
+    grad_norm_sigma: float = 6.0  # ... or grad_norm above mean + grad_norm_sigma x deviation (0 = ignore it) ...
+    min_rise: float = 0.1  # ... and at least this share above the mean
+    skip_window: int = 10  # rollback: the spike's batch and the K before it (back to the checkpoint) are skipped
+    max_rollbacks: int = 3  # per run directory; one more spike stops the run (checkpoints untouched)
+    # [[start, end], ...]: positions in the data stream (samples; step s trains [s*G, (s+1)*G) unless earlier
+    # batches were skipped) never trained on; a global batch that overlaps one is skipped whole
+    skip_samples: List[Any] = field(default_factory=list)
+
+    def check(self) -> None:
+        one_of("train.spike.policy", self.policy, ("off", "skip", "rollback"))
+        in_range("train.spike.window", self.window, 2, example="100")
+        in_range("train.spike.loss_sigma", self.loss_sigma, 0, example="6")
+        in_range("train.spike.grad_norm_sigma", self.grad_norm_sigma, 0, example="6")
+        in_range("train.spike.min_rise", self.min_rise, 0, example="0.1")
+        in_range("train.spike.skip_window", self.skip_window, 0, example="10")
+        in_range("train.spike.max_rollbacks", self.max_rollbacks, 0, example="3")
+        if self.policy != "off" and not (self.loss_sigma or self.grad_norm_sigma):
+            raise JetMoEError(f"train.spike.policy={self.policy} but loss_sigma and grad_norm_sigma are both 0; "
+                              "set one of them, e.g. train.spike.loss_sigma=6")
+        for r in self.skip_samples:
+            if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                    and 0 <= r[0] < r[1]):
+                raise JetMoEError(f"train.spike.skip_samples has {r!r}; give [start, end] sample positions with "
+                                  "0 <= start < end, e.g. train.spike.skip_samples=[[4096,8192]]")
+
+
+@dataclass
 class TrainSection:
     max_steps: int = 200
     global_batch_size: int = 16  # samples per optimizer step, all data-parallel ranks together
@@ -90,6 +123,7 @@ class TrainSection:
     sample_tokens: int = 32  # new tokens per continuation
     sample_temperature: float = 0.8
     profile_steps: List[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
+    spike: SpikeSection = field(default_factory=SpikeSection)
 
     def check(self) -> None:
         from jetmoe.training.profiling import profile_window
@@ -106,6 +140,7 @@ class TrainSection:
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         one_of("train.compile", str(self.compile).lower(), ("auto", "true", "false"))
+        self.spike.check()
         if self.sample_every < 0:
             raise JetMoEError(f"train.sample_every={self.sample_every} is negative; use 0 (off) or a number of steps")
         if self.sample_every and (not self.sample_prompts or self.sample_tokens < 1 or self.sample_temperature <= 0):
@@ -313,9 +348,11 @@ class RunConfig:
         checkpoint["async_"] = checkpoint.pop("async", None)
         logging = dict(plain["logging"])
         logging["wandb"] = WandbSection(**logging["wandb"])
+        train = dict(plain["train"])
+        train["spike"] = SpikeSection(**train.get("spike", {}))
         try:
             return cls(model=JetMoEConfig.from_dict(model), data=DataConfig.from_any(plain["data"]),
-                       train=TrainSection(**plain["train"]), optim=OptimSection(**plain["optim"]),
+                       train=TrainSection(**train), optim=OptimSection(**plain["optim"]),
                        parallel=ParallelSection(**plain["parallel"]), checkpoint=CheckpointSection(**checkpoint),
                        logging=LoggingSection(**logging), cluster=ClusterSection(**plain["cluster"]),
                        plan=PlanSection(**plain.get("plan", {})), init_from=init_from, resolved=plain)
@@ -332,6 +369,10 @@ class RunConfig:
         for name in ("train", "optim", "parallel", "checkpoint", "logging", "cluster", "plan"):
             if name in sections:
                 getattr(self, name).check()
+        if "train" in sections and "checkpoint" in sections and self.train.spike.policy == "rollback" \
+                and not self.checkpoint.every:
+            raise JetMoEError("train.spike.policy=rollback needs checkpoints to roll back to; set checkpoint.every=N "
+                              "(e.g. 1000) or use train.spike.policy=skip")
         if "train" in sections and self.train.sample_every:
             from jetmoe.training.sampling import prompt_window
 

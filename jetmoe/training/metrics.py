@@ -139,6 +139,15 @@ class MetricsLogger:
                                       or "eval_loss" in row or row.get("skipped")):
             logger.info(format_row(row))
 
+    def alert(self, title: str, text: str) -> None:
+        """Something a person should look at: a console warning and a wandb alert (sent when online; offline it is
+        kept in the run file for `wandb sync`). The caller records it in the step's row too (`alerts`)."""
+        if not self.enabled:
+            return
+        logger.warning(f"{title}: {text}")
+        if self.wandb is not None:
+            wandb_run.alert(self.wandb, title, text)
+
     def log_samples(self, records: list[dict] | None) -> None:
         """Text samples of one step (jetmoe.training.sampling): samples.jsonl, console, wandb, TensorBoard."""
         if not self.enabled or not records:
@@ -210,5 +219,5 @@ def format_row(row: dict) -> str:
         if v is not None and not (isinstance(v, float) and math.isnan(v) and key == "mfu"):
             parts.append(fmt.format(v))
     if row.get("skipped"):
-        parts.append("SKIPPED (non-finite)")
+        parts.append(f"SKIPPED ({row.get('skip_reason', 'non-finite')})")
     return " | ".join(parts)

@@ -33,6 +33,9 @@ from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
+from jetmoe.training.nonfinite_trace import sentence, trace_step
+from jetmoe.training.skipped_data import SkippedData
+from jetmoe.training.spike_guard import SpikeGuard
 from jetmoe.training.watchdog import Watchdog
 from jetmoe.training.write_errors import stop_if_unwritable
 
@@ -67,6 +70,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.state = TrainState()
         self.skipped_in_a_row = 0
+        self.next_row: dict = {}  # fields for the next step's row (what a rollback did)
+        self.nonfinite_source = ""  # the last non-finite step's source (jetmoe.training.nonfinite_trace)
 
     # -------------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
@@ -112,6 +117,9 @@ class Trainer:
         self.tokens_per_step = train.global_batch_size * c.data.seq_len
         self.flops_per_step = flops_per_token(mc, c.data.seq_len) * self.tokens_per_step
         self.peak = peak_tflops(c.cluster.peak_tflops, self.cuda, self.precision == "bf16")
+        skipped = SkippedData(self.run_dir, train.spike.skip_samples, train.global_batch_size, self.is_rank0)
+        self.guard = SpikeGuard(train.spike, self.engine, skipped, self.parts.grad_accumulation, self.layout.dp,
+                                self.device, lambda *args, **kw: self.metrics.alert(*args, **kw))  # metrics: after resume
         logger.info(f"layout {self.layout.describe()} | blocks per stage {self.parts.module.block_counts} "
                     f"| micro-batches per step {self.parts.grad_accumulation} | precision {self.precision} "
                     f"| run dir {self.run_dir}")
@@ -120,7 +128,7 @@ class Trainer:
             ModelParts(self.parts.module, self.parts.optimizer, self.layout, self.parts.global_names, mc,
                        self.data.tokenizer),
             {"scheduler": self.parts.scheduler, "data": self.loader, "trainer": self.state,
-             "engine": EngineCounters(self.engine)},
+             "engine": EngineCounters(self.engine), "spike": self.guard.detector},
             init_from=c.init_from, data_fingerprint=data_fingerprint(self.data), record=c.resolved)
         self.sampler = Sampler(SampleSettings.from_train(train), self.engine, self.data.tokenizer, self.layout,
                                mc.max_position_embeddings, self.device)
@@ -143,6 +151,8 @@ class Trainer:
             self.watchdog.progress(self.state.step + 1)
             with self.profiler.step(self.state.step + 1):  # traces train.profile_steps; names OOM snapshots
                 row = self.train_step()
+            if self.guard.rollback_due and self._roll_back(rows, row):
+                continue
             if train.eval_every and (self.state.step % train.eval_every == 0 or self.state.step == train.max_steps):
                 row.update(self.evaluate())
             self.metrics.log(row)
@@ -151,9 +161,10 @@ class Trainer:
             rows.append(row)
             if self.skipped_in_a_row >= train.max_skipped_steps:  # before any save; the one in flight is committed
                 kept = self.checkpoint.drain()
+                what = "were loss spikes" if row.get("skip_reason") == "spike" else "had a non-finite loss or gradient"
                 raise JetMoEError(
-                    f"{self.skipped_in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
-                    f"{self.state.step}); lower train.lr or check the data. "
+                    f"{self.skipped_in_a_row} consecutive steps {what} (last at step "
+                    f"{self.state.step}{self.nonfinite_source}); lower train.lr or check the data. "
                     + (f"The newest checkpoint of a finite step is kept: {kept}" if kept else "No checkpoint was saved"))
             self.checkpoint.after_step(self.state.step, self.skipped_in_a_row)
             stop = self.checkpoint.should_stop(self.state.step)
@@ -161,10 +172,24 @@ class Trainer:
         self.checkpoint.finish(self.state.step)
         return rows
 
+    def _roll_back(self, rows: list[dict], row: dict) -> bool:
+        """The step just run was a loss spike under train.spike.policy=rollback: continue from the newest checkpoint
+        before it, without the spike's data. False when there is no such checkpoint (the step stays skipped)."""
+        fields = self.guard.roll_back(self.state.step, self.checkpoint)
+        if "rollback" not in fields:
+            _merge_row(row, fields)
+            return False
+        self.skipped_in_a_row = 0
+        rows[:] = [r for r in rows if r["step"] <= self.state.step]
+        self.metrics.set_start(self.state.step)  # the rows after the checkpoint are trained again
+        self.next_row = fields
+        return True
+
     def train_step(self) -> dict:
         """One optimizer step: forward, backward and update over this rank's micro-batches (the pipeline's
         1F1B schedule), then the objective and router statistics of the whole global batch."""
         engine, mc = self.engine, self.model_config
+        self.guard.before_step(self.state.step + 1, self.loader)  # skipped data passed over; the update's gate armed
         batches = _pipe_batches(self.loader.next_step(), self.device)
         lr = engine.get_lr()[0]
         skipped_before = engine.skipped_steps
@@ -178,7 +203,8 @@ class Trainer:
         elapsed = time.perf_counter() - t0
 
         aux = aux_loss(routers.balance_loss, routers.z_loss, mc.aux_loss_coef, mc.z_loss_coef)
-        skipped = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss)
+        nonfinite = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss)
+        skipped = nonfinite or self.guard.update_skipped
         self.state.step += 1
         self.state.skipped_total += int(skipped)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
@@ -204,6 +230,11 @@ class Trainer:
             "mem_static_mib": self.mem_static_mib,
             **peak_memory_mib(self.cuda),
         }
+        _merge_row(row, self.guard.after_step(self.state.step))
+        if nonfinite:
+            row["nonfinite"] = self._trace_nonfinite(batches)
+        _merge_row(row, self.next_row)
+        self.next_row = {}
         by_source = self.loader.tokens_by_source()  # data=mixture: cumulative tokens per source
         if by_source is not None:
             row["tokens_by_source"] = by_source
@@ -213,6 +244,14 @@ class Trainer:
         if every and (self.state.step % every == 0 or self.state.step == 1):
             row["router"] = routers.per_layer()
         return row
+
+    def _trace_nonfinite(self, batches: list) -> dict | None:
+        """Replay the step just skipped as non-finite with every module watched; name the source. Collective."""
+        found = trace_step(self.engine, batches, self.layout.stage, self.rank, self.guard.gate.closed,
+                           [EngineCounters(self.engine), self.parts.scheduler])
+        self.nonfinite_source = f"; {sentence(found)}"
+        logger.warning(f"step {self.state.step} was not finite: {sentence(found)}")
+        return found
 
     def _log_compile_time(self) -> None:
         """Once, after the first step (which compiled every block's graphs, forward and backward)."""
@@ -252,6 +291,15 @@ class Trainer:
             self.profiler.close()
         if hasattr(self, "metrics"):
             self.metrics.close()
+
+
+def _merge_row(row: dict, fields: dict) -> None:
+    """Add fields to a metrics row; `alerts` lists add up."""
+    for key, value in fields.items():
+        if key == "alerts":
+            row.setdefault("alerts", []).extend(value)
+        else:
+            row[key] = value
 
 
 def _agree_on(value: str) -> str:

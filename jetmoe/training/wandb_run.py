@@ -58,6 +58,16 @@ def log_samples(run, records: list[dict]) -> None:
              "step": records[0]["step"]})
 
 
+def alert(run, title: str, text: str) -> None:
+    """A wandb alert (email/Slack when online); a failure to send it never stops training."""
+    import wandb
+
+    try:
+        run.alert(title=title, text=text, level=wandb.AlertLevel.WARN, wait_duration=0)
+    except Exception:  # no network, a wandb without alerts: the console line and metrics.jsonl still have it
+        pass
+
+
 def _has_settings(wandb) -> bool:
     try:
         wandb.Settings(console="off", x_disable_stats=True)

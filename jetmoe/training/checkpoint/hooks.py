@@ -91,8 +91,20 @@ class CheckpointManager:
             self.verifier = folders.verify_in_background(self.root)
         return step
 
-    def _resume(self) -> int:
-        spec = str(self.settings.resume)
+    def roll_back(self, before_step: int) -> int | None:
+        """Load the newest intact checkpoint older than `before_step` into this running job (a loss-spike
+        rollback): weights, optimizer and every named state. Returns its step, None when there is none. Collective."""
+        self.commit_pending()
+
+        def pick():
+            older = [f for f in folders.list_checkpoints(self.root) if int(f.name.split("_")[-1]) < before_step]
+            return next((f for f in older if not folders.verify(f, hashes=False)), None)
+
+        found = self._agree(pick)
+        return None if found is None else self._resume(str(found))
+
+    def _resume(self, spec: str | None = None) -> int:
+        spec = str(self.settings.resume) if spec is None else spec
         if spec.lower() not in ("auto", "none") and not spec.startswith("/"):
             spec = str(resolve_user_path(spec))
         self._agree(lambda: folders.check_writable(self.root))  # not at the first save, hours later
