@@ -202,6 +202,9 @@ class WandbSection:
 class LoggingSection:
     wandb: WandbSection = field(default_factory=WandbSection)
     router_every: int = 10  # per-layer router statistics every N steps (0 = never)
+    router_window: int = 100  # steps over which router health (max/mean load, idle experts) is summed
+    router_collapse_share: float = 0.9  # one expert above this share of a router's tokens counts as collapsed
+    router_collapse_steps: int = 20  # collapsed for this many steps in a row: a warning and `router_collapsed`
     progress_bar: bool = True
     console: bool = True
     tensorboard: bool = False  # also write the scalars to <run dir>/tensorboard
@@ -209,6 +212,9 @@ class LoggingSection:
     def check(self) -> None:
         one_of("logging.wandb.mode", self.wandb.mode, ("offline", "online", "disabled"))
         in_range("logging.router_every", self.router_every, 0, example="10 (0 = never)")
+        in_range("logging.router_window", self.router_window, 1, example="100")
+        in_range("logging.router_collapse_share", self.router_collapse_share, 0, 1, "0.9", low_ok=False)
+        in_range("logging.router_collapse_steps", self.router_collapse_steps, 1, example="20")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineCounters, EngineParts, build_engine, compile_on
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.profiling import StepProfiler
+from jetmoe.training.router_health import HealthSettings, RouterHealth
 from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
@@ -90,6 +91,9 @@ class Trainer:
         self.data = build_data(c.data, mc.vocab_size, mc.max_position_embeddings, train.seed, log=logger.info,
                                special_tokens=(mc.bos_token_id, mc.eos_token_id))  # data=mixture checks them
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
+        lg = c.logging
+        self.router_health = RouterHealth(HealthSettings(lg.router_window, lg.router_collapse_share,
+                                                         lg.router_collapse_steps))
         start_deepspeed_comm(self.cuda, timedelta(seconds=c.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(
             train, c.optim, c.parallel, mc, self.layout, device=self.device, bf16=self.precision == "bf16",
@@ -204,8 +208,18 @@ class Trainer:
             self._log_compile_time()
         every = self.config.logging.router_every
         if every and (self.state.step % every == 0 or self.state.step == 1):
-            row["router"] = routers.per_layer()
+            row["router"] = {**routers.per_layer(), **self.router_health.summary()}
+        row.update(self._router_collapse(routers.tokens))
         return row
+
+    def _router_collapse(self, tokens) -> dict:
+        """`router_collapsed` (kind.layer of every collapsed router) while any is; a warning when one collapses."""
+        lg = self.config.logging
+        for name in self.router_health.observe(tokens):
+            logger.warning(f"router {name} collapsed: one expert took more than {lg.router_collapse_share:.0%} of "
+                           f"its tokens for {lg.router_collapse_steps} steps in a row")
+        collapsed = self.router_health.collapsed()
+        return {"router_collapsed": collapsed, "routers_collapsed": len(collapsed)} if collapsed else {}
 
     def _log_compile_time(self) -> None:
         """Once, after the first step (which compiled every block's graphs, forward and backward)."""
