@@ -20,12 +20,14 @@ from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.log import get_logger
 from jetmoe.model import aux_loss
+from jetmoe.parallel.pipeline import stage_blocks
 from jetmoe.parallel.process_group import close_process_group, init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager, ModelParts
 from jetmoe.training.config import RunConfig, precision, use_cuda
 from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineCounters, EngineParts, build_engine, compile_on
+from jetmoe.training.expert_bias import ExpertBias
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.profiling import StepProfiler
 from jetmoe.training.router_health import HealthSettings, RouterHealth
@@ -100,6 +102,11 @@ class Trainer:
             compiled=compile_on(train.compile, self.cuda, train.compile_cache_dir), document_mask=c.data.document_mask,
             seq_len=c.data.seq_len, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
+        self.expert_bias = None
+        if train.balance_bias_rate:
+            self.expert_bias = ExpertBias(mc.num_hidden_layers, mc.num_local_experts, train.balance_bias_rate,
+                                          self.device)
+            self.expert_bias.install(stage_blocks(self.parts.module))
         if self.cuda:  # the attention kernel, chosen once: jetmoe.parallel.attention_backend
             from jetmoe.parallel.attention_backend import describe, sdpa_priority
 
@@ -123,7 +130,8 @@ class Trainer:
             ModelParts(self.parts.module, self.parts.optimizer, self.layout, self.parts.global_names, mc,
                        self.data.tokenizer),
             {"scheduler": self.parts.scheduler, "data": self.loader, "trainer": self.state,
-             "engine": EngineCounters(self.engine)},
+             "engine": EngineCounters(self.engine),
+             **({"expert_bias": self.expert_bias} if self.expert_bias is not None else {})},
             init_from=c.init_from, data_fingerprint=data_fingerprint(self.data), record=c.resolved)
         self.sampler = Sampler(SampleSettings.from_train(train), self.engine, self.data.tokenizer, self.layout,
                                mc.max_position_embeddings, self.device)
@@ -174,6 +182,8 @@ class Trainer:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
 
+        if self.expert_bias is not None:  # the next step chooses with biases moved by this step's loads
+            self.expert_bias.update(routers.tokens)
         aux = aux_loss(routers.balance_loss, routers.z_loss, mc.aux_loss_coef, mc.z_loss_coef)
         skipped = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss)
         self.state.step += 1
