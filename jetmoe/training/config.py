@@ -92,6 +92,8 @@ class TrainSection:
     profile_steps: List[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
     # aux-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this much per step (0 = off; 1e-3)
     balance_bias_rate: float = 0.0
+    # the balance term per micro-batch (the paper's) or over the whole global batch (jetmoe.training.global_balance)
+    balance_scope: str = "micro_batch"  # micro_batch | global_batch
 
     def check(self) -> None:
         from jetmoe.training.profiling import profile_window
@@ -106,6 +108,7 @@ class TrainSection:
         in_range("train.max_skipped_steps", self.max_skipped_steps, 1, example="5")
         in_range("train.stall_warn_s", self.stall_warn_s, 0, example="600 (0 = off)")
         in_range("train.balance_bias_rate", self.balance_bias_rate, 0, example="0.001 (0 = off)")
+        one_of("train.balance_scope", self.balance_scope, ("micro_batch", "global_batch"))
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         one_of("train.compile", str(self.compile).lower(), ("auto", "true", "false"))

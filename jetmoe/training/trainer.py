@@ -28,6 +28,7 @@ from jetmoe.training.config import RunConfig, precision, use_cuda
 from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineCounters, EngineParts, build_engine, compile_on
 from jetmoe.training.expert_bias import ExpertBias
+from jetmoe.training.global_balance import GlobalBalance
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.profiling import StepProfiler
 from jetmoe.training.router_health import HealthSettings, RouterHealth
@@ -107,6 +108,10 @@ class Trainer:
             self.expert_bias = ExpertBias(mc.num_hidden_layers, mc.num_local_experts, train.balance_bias_rate,
                                           self.device)
             self.expert_bias.install(stage_blocks(self.parts.module))
+        self.global_balance = None
+        if train.balance_scope == "global_batch":
+            self.global_balance = GlobalBalance(mc.num_hidden_layers, mc.num_local_experts, self.device)
+            self.global_balance.install(self.parts.module)
         if self.cuda:  # the attention kernel, chosen once: jetmoe.parallel.attention_backend
             from jetmoe.parallel.attention_backend import describe, sdpa_priority
 
@@ -176,7 +181,12 @@ class Trainer:
         self.routers.reset()
         t0 = time.perf_counter()
 
+        if self.global_balance is not None:  # the loads of the whole global batch, before any backward
+            self.global_balance.measure(lambda: engine.eval_batch(
+                iter(batches), reduce_output=None, bcast_loss=False, num_micro_batches=len(batches)))
         lm_loss = float(engine.train_batch(data_iter=iter(batches)))  # mean over micro-batches and dp
+        if self.global_balance is not None:
+            self.global_balance.done()
         routers = self.routers.reduce(self.device)  # each router's losses: mean per micro-batch, all ranks
         if self.cuda:
             torch.cuda.synchronize()
