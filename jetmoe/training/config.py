@@ -211,6 +211,8 @@ class LoggingSection:
     router_window: int = 100  # steps over which router health (max/mean load, idle experts) is summed
     router_collapse_share: float = 0.9  # one expert above this share of a router's tokens counts as collapsed
     router_collapse_steps: int = 20  # collapsed for this many steps in a row: a warning and `router_collapsed`
+    straggler_every: int = 100  # every N steps, each rank's compute and wait time and host are compared (0 = off)
+    straggler_factor: float = 1.5  # a rank whose compute exceeds the median over all ranks by this factor is named
     progress_bar: bool = True
     console: bool = True
     tensorboard: bool = False  # also write the scalars to <run dir>/tensorboard
@@ -221,6 +223,8 @@ class LoggingSection:
         in_range("logging.router_window", self.router_window, 1, example="100")
         in_range("logging.router_collapse_share", self.router_collapse_share, 0, 1, "0.9", low_ok=False)
         in_range("logging.router_collapse_steps", self.router_collapse_steps, 1, example="20")
+        in_range("logging.straggler_every", self.straggler_every, 0, example="100 (0 = off)")
+        in_range("logging.straggler_factor", self.straggler_factor, 1, example="1.5", low_ok=False)
 
 
 @dataclass

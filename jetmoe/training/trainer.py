@@ -36,6 +36,7 @@ from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
 from jetmoe.training.sampling import Sampler, SampleSettings
+from jetmoe.training.stragglers import StragglerWatch
 from jetmoe.training.watchdog import Watchdog
 
 logger = get_logger(__name__)
@@ -108,6 +109,8 @@ class Trainer:
             self.expert_bias = ExpertBias(mc.num_hidden_layers, mc.num_local_experts, train.balance_bias_rate,
                                           self.device)
             self.expert_bias.install(stage_blocks(self.parts.module))
+        self.stragglers = StragglerWatch(lg.straggler_every, lg.straggler_factor, self.cuda)
+        self.stragglers.attach(self.engine)
         self.global_balance = None
         if train.balance_scope == "global_batch":
             self.global_balance = GlobalBalance(mc.num_hidden_layers, mc.num_local_experts, self.device)
@@ -180,6 +183,7 @@ class Trainer:
         skipped_before = engine.skipped_steps
         self.routers.reset()
         t0 = time.perf_counter()
+        self.stragglers.start(self.state.step + 1)
 
         if self.global_balance is not None:  # the loads of the whole global batch, before any backward
             self.global_balance.measure(lambda: engine.eval_batch(
@@ -230,6 +234,7 @@ class Trainer:
         if every and (self.state.step % every == 0 or self.state.step == 1):
             row["router"] = {**routers.per_layer(), **self.router_health.summary()}
         row.update(self._router_collapse(routers.tokens))
+        row.update(self.stragglers.finish(self.state.step, self.device))
         return row
 
     def _router_collapse(self, tokens) -> dict:
