@@ -10,11 +10,12 @@ from torch.nn import functional as F
 
 
 class RouterLoss(NamedTuple):
-    """One router's losses on one micro-batch: balance and z carry gradient; the counts are detached."""
+    """One router's losses on one micro-batch: balance, z and mean_prob carry gradient; the counts are detached."""
 
     balance: torch.Tensor  # 0-dim, E * sum_i f_i * P_i
     z: torch.Tensor  # 0-dim, mean over tokens of logsumexp(logits)^2
     tokens_per_expert: torch.Tensor  # LongTensor[E], assignments per expert (T * k in total)
+    mean_prob: torch.Tensor  # [E], P_i: mean softmax probability per expert (carries gradient); balance = E f . P
 
 
 class Routing(NamedTuple):
@@ -38,7 +39,7 @@ def router_loss(logits: torch.Tensor, expert_ids: torch.Tensor) -> RouterLoss:
     mean_prob = torch.softmax(logits, dim=-1).mean(0)  # P_i
     balance = num_experts * (share * mean_prob).sum()
     z = torch.logsumexp(logits, dim=-1).square().mean()
-    return RouterLoss(balance, z, counts)
+    return RouterLoss(balance, z, counts, mean_prob)
 
 
 class _Fp32Linear(torch.autograd.Function):

@@ -35,6 +35,7 @@ PRIVATE_NAMES = (
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "total_loss"),  # set in __init__
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_global_grad_norm"),  # set in step
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_global_grad_norm"),  # set in step
+    ("deepspeed.runtime.pipe.engine", "PipelineEngine", "_INSTRUCTION_MAP"),
 )
 
 
@@ -218,3 +219,23 @@ def zero_fragment(param):
     `.get_optim_state_fragment(key)`. The public safe_get_local_* helpers serve ZeRO-3 only; checkpoints
     need the ZeRO-1 fragments to let each rank write and read only the state it holds."""
     return getattr(param, "_hp_mapping", None)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_pipeline_instructions(engine, report) -> None:
+    """Call `report(instruction class name, seconds)` after each instruction of the engine's schedule (forward,
+    backward, sends, receives, gradient reductions, optimizer step). The PipelineEngine runs every instruction
+    through its class-level `_INSTRUCTION_MAP`; an instance copy with timed wrappers leaves other engines alone."""
+    import time
+
+    def timed(name, method):
+        def run(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                report(name, start)
+
+        return run
+
+    engine._INSTRUCTION_MAP = {cls: timed(cls.__name__, method) for cls, method in type(engine)._INSTRUCTION_MAP.items()}

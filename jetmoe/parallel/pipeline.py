@@ -47,6 +47,8 @@ from jetmoe.parallel.topology import Layout, split_blocks
 TIED_KEY = "embed"
 # on_router_loss(layer index, router index in ROUTER_KINDS, detached losses of one micro-batch)
 RouterLossHook = Callable[[int, int, RouterLoss], None]
+# rebalance(layer index, router index, losses of one micro-batch) -> the losses to train on (e.g. another balance term)
+RebalanceHook = Callable[[int, int, RouterLoss], RouterLoss]
 
 
 class EmbeddingStage(nn.Module):
@@ -94,6 +96,7 @@ class BlockStage(nn.Module):
         self.coefs = (config.aux_loss_coef, config.z_loss_coef)
         self.grad_scale = grad_scale
         self.on_router_loss = on_router_loss
+        self.rebalance: RebalanceHook | None = None  # set from outside (jetmoe.training.global_balance)
 
     @property
     def block(self) -> JetMoEBlock:
@@ -106,6 +109,8 @@ class BlockStage(nn.Module):
         else:
             hidden, position_ids, shared = inputs
         hidden, losses = self.block(hidden, *shared)
+        if self.rebalance is not None:
+            losses = tuple(self.rebalance(self.layer_idx, router, loss) for router, loss in enumerate(losses))
         if self.training and torch.is_grad_enabled():
             aux = sum(aux_loss(l.balance, l.z, *self.coefs) for l in losses)
             hidden = attach_aux_loss(hidden, aux, self.grad_scale)

@@ -124,6 +124,10 @@ class TrainSection:
     sample_temperature: float = 0.8
     profile_steps: List[int] = field(default_factory=list)  # [a, b]: torch.profiler trace of steps a..b
     spike: SpikeSection = field(default_factory=SpikeSection)
+    # aux-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this much per step (0 = off; 1e-3)
+    balance_bias_rate: float = 0.0
+    # the balance term per micro-batch (the paper's) or over the whole global batch (jetmoe.training.global_balance)
+    balance_scope: str = "micro_batch"  # micro_batch | global_batch
 
     def check(self) -> None:
         from jetmoe.training.profiling import profile_window
@@ -137,6 +141,8 @@ class TrainSection:
         in_range("train.log_every", self.log_every, 1, example="10")
         in_range("train.max_skipped_steps", self.max_skipped_steps, 1, example="5")
         in_range("train.stall_warn_s", self.stall_warn_s, 0, example="600 (0 = off)")
+        in_range("train.balance_bias_rate", self.balance_bias_rate, 0, example="0.001 (0 = off)")
+        one_of("train.balance_scope", self.balance_scope, ("micro_batch", "global_batch"))
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         one_of("train.compile", str(self.compile).lower(), ("auto", "true", "false"))
@@ -240,6 +246,11 @@ class WandbSection:
 class LoggingSection:
     wandb: WandbSection = field(default_factory=WandbSection)
     router_every: int = 10  # per-layer router statistics every N steps (0 = never)
+    router_window: int = 100  # steps over which router health (max/mean load, idle experts) is summed
+    router_collapse_share: float = 0.9  # one expert above this share of a router's tokens counts as collapsed
+    router_collapse_steps: int = 20  # collapsed for this many steps in a row: a warning and `router_collapsed`
+    straggler_every: int = 100  # every N steps, each rank's compute and wait time and host are compared (0 = off)
+    straggler_factor: float = 1.5  # a rank whose compute exceeds the median over all ranks by this factor is named
     progress_bar: bool = True
     console: bool = True
     tensorboard: bool = False  # also write the scalars to <run dir>/tensorboard
@@ -247,6 +258,11 @@ class LoggingSection:
     def check(self) -> None:
         one_of("logging.wandb.mode", self.wandb.mode, ("offline", "online", "disabled"))
         in_range("logging.router_every", self.router_every, 0, example="10 (0 = never)")
+        in_range("logging.router_window", self.router_window, 1, example="100")
+        in_range("logging.router_collapse_share", self.router_collapse_share, 0, 1, "0.9", low_ok=False)
+        in_range("logging.router_collapse_steps", self.router_collapse_steps, 1, example="20")
+        in_range("logging.straggler_every", self.straggler_every, 0, example="100 (0 = off)")
+        in_range("logging.straggler_factor", self.straggler_factor, 1, example="1.5", low_ok=False)
 
 
 @dataclass

@@ -201,8 +201,8 @@ def _flatten(row: dict, prefix: str = "") -> dict:
         if isinstance(v, dict):
             out.update(_flatten(v, key + "/"))
         elif isinstance(v, list):
-            if v and isinstance(v[0], list):
-                continue  # per-expert shares: metrics.jsonl and plot.py only
+            if v and isinstance(v[0], (list, str)):
+                continue  # per-expert shares, router names: metrics.jsonl (and plot.py) only
             for i, x in enumerate(v):
                 out[f"{key}/layer_{i}"] = x
         elif v is not None:

@@ -20,6 +20,7 @@ from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
 from jetmoe.log import get_logger
 from jetmoe.model import aux_loss
+from jetmoe.parallel.pipeline import stage_blocks
 from jetmoe.parallel.process_group import close_process_group, init_process_group, start_deepspeed_comm
 from jetmoe.parallel.topology import make_layout
 from jetmoe.training.checkpoint import CheckpointManager, ModelParts
@@ -27,8 +28,11 @@ from jetmoe.training.checkpoint.folders import checkpoint_root
 from jetmoe.training.config import RunConfig, precision, use_cuda
 from jetmoe.training.determinism import set_deterministic
 from jetmoe.training.engine import EngineCounters, EngineParts, build_engine, compile_on
+from jetmoe.training.expert_bias import ExpertBias
+from jetmoe.training.global_balance import GlobalBalance
 from jetmoe.training.metrics import MetricsLogger, flops_per_token, peak_memory_mib, peak_tflops, rss_mib
 from jetmoe.training.profiling import StepProfiler
+from jetmoe.training.router_health import HealthSettings, RouterHealth
 from jetmoe.training.router_stats import RouterTracker
 from jetmoe.training.run_lock import lock_for_job
 from jetmoe.training.run_record import record_config
@@ -36,6 +40,7 @@ from jetmoe.training.sampling import Sampler, SampleSettings
 from jetmoe.training.nonfinite_trace import sentence, trace_step
 from jetmoe.training.skipped_data import SkippedData
 from jetmoe.training.spike_guard import SpikeGuard
+from jetmoe.training.stragglers import StragglerWatch
 from jetmoe.training.watchdog import Watchdog
 from jetmoe.training.write_errors import stop_if_unwritable
 
@@ -98,12 +103,26 @@ class Trainer:
         self.data = build_data(c.data, mc.vocab_size, mc.max_position_embeddings, train.seed, log=logger.info,
                                special_tokens=(mc.bos_token_id, mc.eos_token_id))  # data=mixture checks them
         self.routers = RouterTracker(mc.num_hidden_layers, mc.num_local_experts)
+        lg = c.logging
+        self.router_health = RouterHealth(HealthSettings(lg.router_window, lg.router_collapse_share,
+                                                         lg.router_collapse_steps))
         start_deepspeed_comm(self.cuda, timedelta(seconds=c.parallel.timeout_s))  # after the user's checks
         self.parts: EngineParts = build_engine(
             train, c.optim, c.parallel, mc, self.layout, device=self.device, bf16=self.precision == "bf16",
             compiled=compile_on(train.compile, self.cuda, train.compile_cache_dir), document_mask=c.data.document_mask,
             seq_len=c.data.seq_len, on_router_loss=self.routers.record)
         self.engine = self.parts.engine
+        self.expert_bias = None
+        if train.balance_bias_rate:
+            self.expert_bias = ExpertBias(mc.num_hidden_layers, mc.num_local_experts, train.balance_bias_rate,
+                                          self.device)
+            self.expert_bias.install(stage_blocks(self.parts.module))
+        self.stragglers = StragglerWatch(lg.straggler_every, lg.straggler_factor, self.cuda)
+        self.stragglers.attach(self.engine)
+        self.global_balance = None
+        if train.balance_scope == "global_batch":
+            self.global_balance = GlobalBalance(mc.num_hidden_layers, mc.num_local_experts, self.device)
+            self.global_balance.install(self.parts.module)
         if self.cuda:  # the attention kernel, chosen once: jetmoe.parallel.attention_backend
             from jetmoe.parallel.attention_backend import describe, sdpa_priority
 
@@ -128,7 +147,8 @@ class Trainer:
             ModelParts(self.parts.module, self.parts.optimizer, self.layout, self.parts.global_names, mc,
                        self.data.tokenizer),
             {"scheduler": self.parts.scheduler, "data": self.loader, "trainer": self.state,
-             "engine": EngineCounters(self.engine), "spike": self.guard.detector},
+             "engine": EngineCounters(self.engine), "spike": self.guard.detector,
+             **({"expert_bias": self.expert_bias} if self.expert_bias is not None else {})},
             init_from=c.init_from, data_fingerprint=data_fingerprint(self.data), record=c.resolved)
         self.sampler = Sampler(SampleSettings.from_train(train), self.engine, self.data.tokenizer, self.layout,
                                mc.max_position_embeddings, self.device)
@@ -195,13 +215,21 @@ class Trainer:
         skipped_before = engine.skipped_steps
         self.routers.reset()
         t0 = time.perf_counter()
+        self.stragglers.start(self.state.step + 1)
 
+        if self.global_balance is not None:  # the loads of the whole global batch, before any backward
+            self.global_balance.measure(lambda: engine.eval_batch(
+                iter(batches), reduce_output=None, bcast_loss=False, num_micro_batches=len(batches)))
         lm_loss = float(engine.train_batch(data_iter=iter(batches)))  # mean over micro-batches and dp
+        if self.global_balance is not None:
+            self.global_balance.done()
         routers = self.routers.reduce(self.device)  # each router's losses: mean per micro-batch, all ranks
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
 
+        if self.expert_bias is not None:  # the next step chooses with biases moved by this step's loads
+            self.expert_bias.update(routers.tokens)
         aux = aux_loss(routers.balance_loss, routers.z_loss, mc.aux_loss_coef, mc.z_loss_coef)
         nonfinite = engine.skipped_steps != skipped_before or not math.isfinite(lm_loss)
         skipped = nonfinite or self.guard.update_skipped
@@ -242,7 +270,9 @@ class Trainer:
             self._log_compile_time()
         every = self.config.logging.router_every
         if every and (self.state.step % every == 0 or self.state.step == 1):
-            row["router"] = routers.per_layer()
+            row["router"] = {**routers.per_layer(), **self.router_health.summary()}
+        row.update(self._router_collapse(routers.tokens))
+        row.update(self.stragglers.finish(self.state.step, self.device))
         return row
 
     def _trace_nonfinite(self, batches: list) -> dict | None:
@@ -252,6 +282,15 @@ class Trainer:
         self.nonfinite_source = f"; {sentence(found)}"
         logger.warning(f"step {self.state.step} was not finite: {sentence(found)}")
         return found
+
+    def _router_collapse(self, tokens) -> dict:
+        """`router_collapsed` (kind.layer of every collapsed router) while any is; a warning when one collapses."""
+        lg = self.config.logging
+        for name in self.router_health.observe(tokens):
+            logger.warning(f"router {name} collapsed: one expert took more than {lg.router_collapse_share:.0%} of "
+                           f"its tokens for {lg.router_collapse_steps} steps in a row")
+        collapsed = self.router_health.collapsed()
+        return {"router_collapsed": collapsed, "routers_collapsed": len(collapsed)} if collapsed else {}
 
     def _log_compile_time(self) -> None:
         """Once, after the first step (which compiled every block's graphs, forward and backward)."""
