@@ -27,8 +27,11 @@ def error_line(out) -> str:
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error"), out.stderr[-3000:]
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error")]
+    # one error line, last; before it only the warnings naming each non-finite step's source
+    assert len(errors) == 1 and lines[-1] == errors[0], out.stderr[-3000:]
+    assert all("was not finite" in line for line in lines[:-1]), out.stderr[-3000:]
+    return errors[0]
 
 
 def test_a_non_finite_stop_commits_the_save_in_flight(tmp_path):
