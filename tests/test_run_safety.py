@@ -82,7 +82,7 @@ def test_every_checkpoint_damaged_stops_and_nothing_damaged_is_deleted(tmp_path,
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
     first = ok(run(tmp_path, "train.max_steps=3", "checkpoint.every=1", cache=cache))  # keep=2: steps 2 and 3
-    assert "run lock: taking over the lock of pid" in first.stdout
+    assert "run directory lock: taking over the lock of pid" in first.stdout
     assert not (tmp_path / LOCK).exists()  # released at the end
     assert (tmp_path / "configs/launch-1.yaml").read_text().startswith("# launch 1")
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003", "step_00000002"]
