@@ -72,7 +72,8 @@ def test_the_same_stage_after_the_one_pass_accumulation_is_predicted_too():
     15%; the accumulation within 30% (737 small adds per step, whose launches the byte count leaves out)."""
     check, after = json.loads(H200_CHECK.read_text()), json.loads(H200_CUT1.read_text())
     measured = after["train"]["launch"]["step_breakdown_s"]
-    ran = dataclasses.replace(TODAY, head_recomputes_logits=True)  # that run's head still recomputed its logits
+    # that run's head still recomputed its logits, and its expert gradients went through the hooks like the rest
+    ran = dataclasses.replace(TODAY, head_recomputes_logits=True, expert_grad_accumulation_bytes_per_param=None)
     part = _stage_plan(check, ran).summary()["step_breakdown_s"]
     assert sum(part.values()) == pytest.approx(after["train"]["launch"]["step_s_device"], rel=0.15)
     assert part["grad_accumulation"] == pytest.approx(measured["grad_accumulation"], rel=0.30)
@@ -135,7 +136,7 @@ SLOT = {"bubble", "imbalance"}  # follow any per-micro-batch cost: the slot sets
 def test_each_engine_behaviour_moves_its_own_line(switch, moved, also):
     """The tail's two lines are the stage that ends last's; a switch may change which stage that is."""
     before, after = _recipe().step.parts, _recipe(**switch).step.parts
-    assert after[moved] < before[moved] or (before[moved] == 0 < after[moved])
+    assert after[moved] < before[moved] or (moved == "engine_overhead" and after[moved] > before[moved])
     for key in set(KEYS) - {moved} - also:
         assert after[key] == pytest.approx(before[key], rel=1e-9), (moved, key)
     if "optimizer" in also or "dp_reduce" in also:
@@ -143,9 +144,16 @@ def test_each_engine_behaviour_moves_its_own_line(switch, moved, also):
 
 
 def test_accumulation_scales_with_its_bytes_and_reduce_scatter_halves_the_reduction():
-    today, fused = _recipe(), _recipe(grad_accumulation_bytes_per_param=6.0)
+    hooks = _recipe(expert_grad_accumulation_bytes_per_param=None)  # every gradient through the hook's add
+    fused = _recipe(grad_accumulation_bytes_per_param=6.0, expert_grad_accumulation_bytes_per_param=None)
     assert fused.step.parts["grad_accumulation"] == pytest.approx(
-        today.step.parts["grad_accumulation"] * 6 / TODAY.grad_accumulation_bytes_per_param)
+        hooks.step.parts["grad_accumulation"] * 6 / TODAY.grad_accumulation_bytes_per_param)
+    today = _recipe()  # the expert weights at 6 B, the rest at 10 B
+    stages = today.stages
+    expert = sum(s.expert_per_rank for s in stages) / sum(s.per_rank for s in stages)
+    assert 0.9 < expert < 1
+    assert today.step.parts["grad_accumulation"] == pytest.approx(
+        hooks.step.parts["grad_accumulation"] * (expert * 6 + (1 - expert) * 10) / 10, rel=0.01)
     scatter = _recipe(dp_reduce_op=REDUCE_SCATTER)
     reduce = [t for t in today.traffic[0].transfers if t.op == "all_reduce" and t.category == "dp"][0]
     scattered = [t for t in scatter.traffic[0].transfers if t.op == REDUCE_SCATTER][0]
@@ -169,3 +177,13 @@ def test_the_head_chunk_is_the_models():
     from jetmoe.model.loss import HEAD_CHUNK_TOKENS
 
     assert TODAY.head_chunk_tokens == HEAD_CHUNK_TOKENS
+
+
+def test_the_recipe_step_shrinks_by_a_quarter_and_its_comment_quotes_the_planner():
+    inp = inputs_from_config(compose_config(RECIPE))
+    before = make_plan(dataclasses.replace(inp, engine=BEFORE_ISSUE_22)).summary()
+    today = make_plan(inp).summary()
+    assert today["step_seconds"] <= 0.75 * before["step_seconds"]
+    recipe = (ROOT / "configs/experiment/jetmoe_8b_96xh100.yaml").read_text()
+    for plan in (before, today):
+        assert f"= {plan['step_seconds']:.3f} s, predicted MFU {plan['predicted_mfu']:.1%}" in recipe

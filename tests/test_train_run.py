@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers.launch_util import free_port  # noqa: E402
 from helpers.trainer_small import SMALL  # noqa: E402
 from helpers.trainer_wandb import history  # noqa: E402
 
@@ -94,9 +96,11 @@ def _grad_accumulation_error(run_dir, *extra):
 
 def test_bf16_sums_the_micro_batch_gradients_in_fp32(tmp_path):
     """16 micro-batches in bf16: the gradient the optimizer steps with is the exact (fp64) sum of the
-    micro-batches' bf16 gradients to fp32 precision; DeepSpeed's default (bf16 sums) is far off."""
+    micro-batches' bf16 gradients to fp32 precision (of the expert weights, whose backward adds into the fp32 sum
+    directly: the exact sum of their products); DeepSpeed's default (bf16 sums) is far off."""
     fp32_sum = _grad_accumulation_error(tmp_path / "fp32_sum")
     assert fp32_sum["optimizer"] == "BF16_Optimizer" and fp32_sum["micro_batches"] == 16
+    assert fp32_sum["expert_weights_fused"] == fp32_sum["expert_weights"] == 16  # 4 blocks x MoA, MoE x in, out
     assert fp32_sum["rel_error"] < 1e-6
     override = tmp_path / "bf16_sum.json"
     override.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}))
@@ -113,13 +117,35 @@ def _gradient_bookkeeping(run_dir, *extra):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_bf16_expert_gradients_sum_exactly_through_the_pipeline(tmp_path):
+    """pp=2 (1F1B: several micro-batches' forwards in flight while earlier backwards add into the same fp32 sums):
+    on each stage, the summed gradient is exact to fp32 precision and every expert weight took the fused path."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+         f"--master-port={free_port()}", str(REPO / "tests/helpers/trainer_grad_accum_check.py"),
+         str(tmp_path / "run"), *SMALL, "train.global_batch_size=16", "train.micro_batch_size=1",
+         "train.precision=bf16", "optim.grad_clip=0", "parallel.pp=2", "model.tie_word_embeddings=false"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = [json.loads(m) for m in re.findall(r'\{"optimizer".*?\}', proc.stdout)]
+    assert len(stages) == 2, proc.stdout[-2000:]
+    for got in stages:
+        assert got["expert_weights_fused"] == got["expert_weights"] == 8  # 2 blocks x MoA, MoE x in, out
+        assert got["rel_error"] < 1e-6
+
+
 def test_bf16_gradients_are_summed_in_one_pass_per_micro_batch(tmp_path):
-    """Bytes moved per micro-batch and parameter to keep the fp32 gradient sum, outside the model's own backward:
-    one mixed-dtype add per gradient (read bf16 + fp32, write fp32: 10 B), plus the step's dp flatten and zeroing
-    spread over 8 micro-batches (3 B). DeepSpeed's default path (zero every bf16 gradient, autograd adds into it,
-    a cast to an fp32 copy, then the add) moves 28 B."""
+    """Bytes moved per micro-batch and parameter to keep the fp32 gradient sum, outside the model's own backward.
+    Expert weights: their backward matmul adds into the fp32 sum (C read and written: 8 B; no bf16 gradient is
+    written). Other weights: one mixed-dtype add per gradient (read bf16 + fp32, write fp32: 10 B). Plus the step's
+    dp flatten and zeroing spread over 8 micro-batches (3 B). DeepSpeed's default path (zero every bf16 gradient,
+    autograd adds into it, a cast to an fp32 copy, then the add) moves 28 B."""
     now = _gradient_bookkeeping(tmp_path / "fused")
     assert now["immediate_grad_update"] and now["micro_batches"] == 8
+    n, experts = now["params"], now["expert_params"]
+    assert 0 < experts < n
+    assert now["by_op"]["jetmoe.add_grouped_weight_grad.default"] * n / experts == pytest.approx(8.0)
+    assert now["by_op"]["aten.add_.Tensor"] * n / (n - experts) == pytest.approx(10.0, rel=0.02)
     assert now["bytes_per_param_per_micro_batch"] <= 13.5, now
     assert "aten._to_copy.default" not in now["by_op"] and "aten._foreach_zero_.default" not in now["by_op"]
     override = tmp_path / "deepspeed_default.json"

@@ -31,6 +31,7 @@ PRIVATE_NAMES = (
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_update_hp_grad"),
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "fp32_groups_gradients"),  # set in __init__
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "fp32_groups_has_gradients"),  # set in __init__
+    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "bf16_groups"),  # set in __init__
     # Not underscored, but internal: the training-loss accumulator that eval_batch also adds outputs to.
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "total_loss"),  # set in __init__
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_global_grad_norm"),  # set in step
@@ -177,6 +178,39 @@ def add_bf16_grads_without_temporary(bf16_optimizer) -> None:
             lp.grad.zero_()
 
     bf16_optimizer._update_hp_grad = types.MethodType(_update_hp_grad, bf16_optimizer)
+
+
+def accumulate_into_fp32_grads(bf16_optimizer, params) -> None:
+    """Let the backward of each of `params` add its gradient straight into the BF16_Optimizer's fp32 sum for it
+    (jetmoe.model.grouped_mm: a weight with `main_grad` gets no `.grad`), so its gradient hook never fires.
+
+    Each parameter's `main_grad` is its view of `fp32_groups_gradients`, the buffer the reduction, the norm, the
+    clipping and the step read. DeepSpeed marks a parameter as having a gradient in `fp32_groups_has_gradients` when
+    its hook adds one, and clears the marks with the sums after each step (`clear_hp_grads`); these parameters are
+    marked for good instead (every micro-batch's backward adds into them, zero rows included)."""
+    import types
+
+    where = {id(p): (i, j) for i, group in enumerate(bf16_optimizer.bf16_groups) for j, p in enumerate(group)}
+    fused = []
+    for p in params:
+        i, j = where[id(p)]
+        hp_grad = bf16_optimizer.fp32_groups_gradients[i][j]
+        p.main_grad = hp_grad.view(p.shape)
+        p._hp_grad = hp_grad
+        fused.append((i, j))
+
+    def mark(self):
+        for i, j in fused:
+            self.fp32_groups_has_gradients[i][j] = True
+
+    clear = bf16_optimizer.clear_hp_grads
+
+    def clear_hp_grads(self):
+        clear()
+        mark(self)
+
+    bf16_optimizer.clear_hp_grads = types.MethodType(clear_hp_grads, bf16_optimizer)
+    mark(bf16_optimizer)
 
 
 def grad_norm_before_update(zero_optimizer):

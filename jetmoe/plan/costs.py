@@ -20,6 +20,10 @@ def stage_costs(shape: ModelShape, counts: ParamCounts, stages: list[StageParams
     work at the measured efficiencies; every other cost is counted as without it."""
     tokens = micro_batch * seq
     accumulation_bytes = engine.grad_accumulation_bytes_per_param if bf16 else engine.fp32_grad_accumulation_bytes_per_param
+    expert_bytes, syncs_per_block = accumulation_bytes, 0
+    if bf16 and engine.expert_grad_accumulation_bytes_per_param is not None:
+        expert_bytes = engine.expert_grad_accumulation_bytes_per_param
+        syncs_per_block = engine.fused_backward_syncs_per_block
     # the rate of such sweeps, from the measured one (ns per parameter for ACCUMULATION_SWEEP_BYTES_PER_PARAM)
     sweep_seconds_per_byte = eff.grad_accumulation_ns_per_param * 1e-9 / ACCUMULATION_SWEEP_BYTES_PER_PARAM
     out = []
@@ -37,10 +41,10 @@ def stage_costs(shape: ModelShape, counts: ParamCounts, stages: list[StageParams
                      + s.per_rank * engine.optimizer_full_sweep_bytes_per_param / (eff.hbm_gbps * 1e9))
         out.append(StageCost(
             compute=compute,
-            grad_accumulation=s.per_rank * accumulation_bytes * sweep_seconds_per_byte,
+            grad_accumulation=(s.dense * accumulation_bytes + s.expert_per_rank * expert_bytes) * sweep_seconds_per_byte,
             all_to_all=sum(x.seconds(gpu) for x in t.transfers if x.category == "ep") / micro_batches,
             pipeline_p2p=sends / micro_batches,
-            engine_overhead=engine.engine_overhead_s_per_micro_batch,
+            engine_overhead=engine.engine_overhead_s_per_micro_batch + s.blocks * syncs_per_block * engine.host_sync_idle_s,
             dp_reduce=tied + sum(x.seconds(gpu) for x in t.transfers if x.category == "dp"),
             optimizer=optimizer,
         ))

@@ -18,6 +18,12 @@ class EngineBehaviour:
     # add_bf16_grads_without_temporary), each gradient hook adds the fresh bf16 gradient into the fp32 sum with the
     # promotion per element (read 2 + 4, write 4) and frees it: 10. DeepSpeed's default (BEFORE_ISSUE_22): 26.
     grad_accumulation_bytes_per_param: float = 10.0
+    # The grouped expert weights (MoA and MoE experts: ~95% of a JetMoE-8B stage) in bf16 runs: their backward's
+    # weight-gradient GEMM adds into the fp32 sum itself (model/grouped_mm.py, C += A @ B with an fp32 C; Megatron's
+    # gradient_accumulation_fusion), so no bf16 gradient is written (2) and no hook reads it back: the GEMM's
+    # epilogue reads and writes the fp32 sum instead (4 + 4). 6 bytes more than the plain GEMM, all counted as
+    # exposed. None: these weights go through the hook like the others (grad_accumulation_bytes_per_param).
+    expert_grad_accumulation_bytes_per_param: float | None = 6.0
     # fp32 runs (ZeRO-1 optimizer): autograd's in-place add into the fp32 .grad (read 4 + 4, write 4).
     fp32_grad_accumulation_bytes_per_param: float = 12.0
     # The gradient reduction over data parallelism, after the last micro-batch (pipe/engine.py _exec_reduce_grads ->
@@ -51,6 +57,12 @@ class EngineBehaviour:
     # Host time per micro-batch that the device waits for (the engine's Python between kernels). Not measured on a
     # GPU: 0 means the device stays ahead, as the H200 stage run suggests (its step is predicted without it).
     engine_overhead_s_per_micro_batch: float = 0.0
+    # The fused expert backward (expert_grad_accumulation_bytes_per_param) fetches its rows per expert to the host:
+    # one sync per projection, 4 per block (MoA and MoE, input and output), each leaving the device idle from the
+    # end of its queue to the next launch. 20 us each is stated, not measured (bench/gpu.py's training section
+    # measures the step it is part of); 0 for runs without the fusion.
+    fused_backward_syncs_per_block: int = 4
+    host_sync_idle_s: float = 20e-6
 
     def rows(self) -> list[tuple[str, str]]:
         """(name, value) of every behaviour, for the report."""
@@ -61,4 +73,5 @@ TODAY = EngineBehaviour()
 # The engine before issue 22's cuts: bf16_optimizer.py's clear_lp_grads zeroes the bf16 grads (write 2); autograd
 # adds the weight gradient into the zeroed .grad in place (read 2 + 2, write 2); update_hp_grads'
 # hp.add_(lp.grad.to(fp32)) casts into a temporary (read 2, write 4) and adds it (read 4 + 4, write 4).
-BEFORE_ISSUE_22 = replace(TODAY, grad_accumulation_bytes_per_param=26.0, head_recomputes_logits=True)
+BEFORE_ISSUE_22 = replace(TODAY, grad_accumulation_bytes_per_param=26.0, expert_grad_accumulation_bytes_per_param=None,
+                          fused_backward_syncs_per_block=0, head_recomputes_logits=True)

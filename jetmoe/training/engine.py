@@ -11,9 +11,10 @@ import torch
 
 from jetmoe.data.loader import micro_batches_per_step
 from jetmoe.errors import JetMoEError
+from jetmoe.model import GroupedExperts
 from jetmoe.parallel import expert
 from jetmoe.parallel.activation_checkpoint import apply_activation_checkpointing
-from jetmoe.parallel.deepspeed_internals import add_bf16_grads_without_temporary
+from jetmoe.parallel.deepspeed_internals import accumulate_into_fp32_grads, add_bf16_grads_without_temporary
 from jetmoe.parallel.pipeline import RouterLossHook, build_pipeline, stage_blocks
 from jetmoe.parallel.topology import Layout, deepspeed_topology
 from jetmoe.paths import resolve_user_path
@@ -120,6 +121,11 @@ class EngineParts:
         return self.module.global_names
 
 
+def expert_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The [experts, out, in] weights of this stage's grouped expert layers (MoA and MoE), trainable ones."""
+    return [m.weight for m in module.modules() if isinstance(m, GroupedExperts) and m.weight.requires_grad]
+
+
 def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSection, model_config, layout: Layout, *,
                  device: torch.device, bf16: bool, compiled: bool, document_mask: bool, seq_len: int,
                  on_router_loss: RouterLossHook | None) -> EngineParts:
@@ -153,5 +159,6 @@ def build_engine(train: TrainSection, optim: OptimSection, parallel: ParallelSec
     engine, _, _, _ = initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if getattr(engine.optimizer, "immediate_grad_update", False):
         add_bf16_grads_without_temporary(engine.optimizer)
+        accumulate_into_fp32_grads(engine.optimizer, expert_weights(module))
     return EngineParts(engine=engine, module=module, optimizer=engine.optimizer, scheduler=engine.lr_scheduler,
                        grad_accumulation=gas, ds_config=ds_config, compiled=compiled)

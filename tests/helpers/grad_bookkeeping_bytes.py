@@ -1,10 +1,11 @@
 """One process, bf16: bytes the engine moves per micro-batch per parameter to keep gradients, outside the model's
-own forward and backward (zeroing, accumulating into .grad, casts, adding into the fp32 sum).
+own forward and backward (zeroing, accumulating into .grad, casts, adding into the fp32 sum; for the expert
+weights, whose backward matmul adds into the fp32 sum itself, that sum read and written).
 
 Counts, with a dispatch mode over one `Trainer.train_step`, every op that reads or writes a parameter's `.grad`
 or the optimizer's fp32 gradient buffers (bytes of its tensor inputs plus outputs; write-only ops count their
 output once), except inside the optimizer step. Prints one JSON line:
-{bytes_per_param_per_micro_batch, by_op, micro_batches, params, immediate_grad_update}.
+{bytes_per_param_per_micro_batch, by_op, micro_batches, params, expert_params, immediate_grad_update}.
 
     python tests/helpers/grad_bookkeeping_bytes.py RUN_DIR [overrides...]
 """
@@ -20,6 +21,10 @@ from torch.utils._pytree import tree_leaves
 from trainer_setup import trainer_from_args
 
 WRITE_ONLY = {"aten.zero_.default", "aten.fill_.Scalar", "aten._foreach_zero_.default"}
+# The expert weights' backward matmuls adding into the fp32 sum (C += A @ B): their operands are the model's own
+# backward reads; what keeping the gradient costs is C, read and written. The forward op only carries C along.
+ACCUMULATING_MATMULS = {"jetmoe.add_grouped_weight_grad.default": 3}  # op -> the argument that is C
+CARRIES_ONLY = {"jetmoe.grouped_mm_into_main_grad.default"}
 
 
 def moved_bytes(func, inputs, outputs) -> int:
@@ -28,6 +33,10 @@ def moved_bytes(func, inputs, outputs) -> int:
     name = str(func)
     if name in WRITE_ONLY:
         return sum(t.nbytes for t in inputs)
+    if name in ACCUMULATING_MATMULS:
+        return 2 * inputs[ACCUMULATING_MATMULS[name]].nbytes
+    if name in CARRIES_ONLY:
+        return 0
     if func._schema.name.endswith("_"):
         return sum(t.nbytes for t in inputs) + inputs[0].nbytes
     return sum(t.nbytes for t in inputs) + sum(t.nbytes for t in outputs)
@@ -72,6 +81,7 @@ def main() -> None:
     n, m = sum(p.numel() for p in params), trainer.parts.grad_accumulation
     print(json.dumps({"bytes_per_param_per_micro_batch": sum(mode.bytes.values()) / n / m,
                       "by_op": {k: v / n / m for k, v in mode.bytes.most_common()}, "micro_batches": m, "params": n,
+                      "expert_params": sum(p.numel() for p in params if getattr(p, "main_grad", None) is not None),
                       "immediate_grad_update": bool(optimizer.immediate_grad_update)}))
     trainer.close()
 
