@@ -36,7 +36,8 @@ def _key_numbers(name: str, out: dict) -> str:
         cases = {k: v for k, v in out.items() if isinstance(v, dict) and "sizes" in v}
         return (f"dense {_fmt(out.get('dense_equal_flops', {}).get('tflops'), '.0f')} TFLOP/s | " + " | ".join(
             f"{k}: {'ok' if v['matches_loop'] else 'MISMATCH'} {_fmt(v.get('grouped_tflops'), '.0f')} TFLOP/s"
-            for k, v in cases.items()) + f" | syncs {out.get('torch_call_syncs', {}).get('bf16_call_syncs', '-')}")
+            for k, v in cases.items()) + f" | syncs {out.get('torch_call_syncs', {}).get('bf16_call_syncs', '-')}"
+                + _fused_summary(out.get("fused_fp32_accumulation")))
     if name == "sdpa":
         return (f"causal default {_fmt(out.get('causal/default_ms'))} ms ({_fmt(out.get('causal/default_tflops'), '.0f')}"
                 f" TFLOP/s) | document dense {_fmt(out.get('document_dense/default_ms'))} ms | flex: {out.get('flex')}"
@@ -89,3 +90,11 @@ def calibration(result: dict) -> dict:
         "train_step_breakdown_s": train.get("step_breakdown_s"),
         "train_micro_batches": result.get("train", {}).get("shape", {}).get("micro_batches_per_step"),
     }
+
+
+def _fused_summary(fused: dict | None) -> str:
+    if not fused:
+        return ""
+    exact = "exact" if fused.get("exact_to_fp32") else f"OFF BY {_fmt(fused.get('max_rel_error_vs_fp64'), '.1e')}"
+    return (f" | fused fp32 accumulation: {exact}, fp32-out addmm {fused.get('fp32_out_addmm')}, "
+            f"{_fmt(fused.get('fused_over_hooks'), '.2f')}x the hook path's time")

@@ -104,6 +104,42 @@ def grouped_gemm_worker(smoke: bool) -> None:
     empty[-1] += rows - sum(empty)
     for name, sizes in {"balanced": [rows // e] * e, "skewed_odd": skew, "one_empty": empty}.items():
         emit(name, _grouped_case(env, x, w, grad, sizes, flops, dense_ms))
+    emit("fused_fp32_accumulation", _fused_case(env, x, w, grad, empty))
+
+
+def _fused_case(env: Env, x, w, grad, sizes: list[int]) -> dict:
+    """The expert backward that adds its weight gradient into an fp32 sum (model/grouped_mm.py, as the bf16 trainer
+    runs it) against the hook path it replaced (bf16 weight gradient, then one add into the fp32 sum): the sum
+    against the fp64 product, then both times."""
+    from jetmoe.model.grouped_mm import _fp32_out_addmm_works
+
+    counts = torch.tensor(sizes, device=env.device)
+    hp = torch.zeros(w.shape, device=env.device)
+    exact, start = torch.zeros(w.shape, device=env.device, dtype=torch.float64), 0
+    for e, n in enumerate(sizes):
+        exact[e] = grad[start:start + n].double().t() @ x.detach()[start:start + n].double()
+        start += n
+
+    def fused():
+        grouped_linear(x, w, counts).backward(grad)
+
+    def hooks():
+        w.grad = None
+        grouped_linear(x, w, counts).backward(grad)
+        hp.add_(w.grad)
+
+    w.main_grad, w.grad = hp, None
+    try:
+        fused()
+        no_bf16_grad = w.grad is None
+        error = float((hp.double() - exact).abs().max() / exact.abs().max())
+        fused_ms = env.time_ms(fused)
+    finally:
+        del w.main_grad
+    hooks_ms = env.time_ms(hooks)
+    return {"fp32_out_addmm": _fp32_out_addmm_works(x.device), "no_bf16_weight_grad": no_bf16_grad,
+            "max_rel_error_vs_fp64": error, "exact_to_fp32": error < 1e-5, "fused_ms": fused_ms, "hooks_ms": hooks_ms,
+            "fused_over_hooks": fused_ms / hooks_ms}
 
 
 def _grouped_case(env: Env, x, w, grad, sizes: list[int], flops: int, dense_ms: float) -> dict:

@@ -84,6 +84,8 @@ def test_gpu_check_installs_from_its_wheelhouse_into_a_bare_venv_and_runs_every_
     for case in ("balanced", "skewed_odd", "one_empty"):
         assert result["grouped_gemm"][case]["matches_loop"] and "grouped_ms" in result["grouped_gemm"][case]
     assert result["grouped_gemm"]["one_empty"]["empty_expert_grad_is_zero"]
+    fused = result["grouped_gemm"]["fused_fp32_accumulation"]
+    assert fused["exact_to_fp32"] and fused["no_bf16_weight_grad"] and fused["fused_ms"] > 0, fused
     for mode in result["dispatcher"].values():
         assert mode["moe_layer_bitwise_equal"] and mode["block_bitwise_equal"], mode
     launch, resume = result["train"]["launch"], result["train"]["resume"]
