@@ -57,6 +57,21 @@ def test_per_expert_loop_fallback_fetches_counts_once_per_layer():
     assert dict(counts) == {"tolist": 2}  # MoA (2 projections) and MoE (2 projections): one fetch each
 
 
+def test_fused_expert_backward_fetches_counts_once_per_projection():
+    """The weights' gradients added into fp32 sums (the bf16 trainer's path): the forward stays sync-free, the
+    backward fetches each projection's rows per expert once (4 per block: the planner's fused_backward_syncs)."""
+    from jetmoe.model import GroupedExperts
+    from jetmoe.plan.engine_model import TODAY
+
+    block = _block(32)
+    experts = [m.weight for m in block.modules() if isinstance(m, GroupedExperts)]
+    for w in experts:
+        w.main_grad = torch.zeros(w.shape)
+    counts = _syncs(block, torch.randn(2, 12, 32, requires_grad=True), _packed_positions(), "off")
+    assert dict(counts) == {"tolist": TODAY.fused_backward_syncs_per_block} and len(experts) == 4
+    assert all(w.grad is None and w.main_grad.any() for w in experts)
+
+
 def _ep_worker(rank, world):
     from jetmoe.parallel.expert import apply_expert_parallel
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from jetmoe.model.grouped_mm import GroupSizes, grouped_linear, grouped_mm_path  # noqa: F401 (re-exported)
 from jetmoe.model.router import expert_counts
 

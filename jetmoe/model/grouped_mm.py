@@ -125,14 +125,6 @@ def _rows_times_weight(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tens
     return torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight)], dim=0)
 
 
-def _grad_rows(grad: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """grad [M, out] times weight[e], group by group -> [M, in] (grouped: as the forward ran)."""
-    if grouped:
-        return torch._grouped_mm(grad, weight, offs=_offsets(counts))
-    chunks = grad.split(counts.tolist(), dim=0)
-    return torch.cat([chunk @ w for chunk, w in zip(chunks, weight)], dim=0)
-
-
 def _fp32_out_addmm_works(device: torch.device) -> bool:
     """Whether torch.addmm takes bf16 operands with an fp32 C and out (its out_dtype overload: CUDA, torch >= 2.10;
     earlier releases require C in the operands' dtype)."""
@@ -175,19 +167,25 @@ def _(x, weight, counts, main_grad):
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("jetmoe::add_grouped_weight_grad", mutates_args=("main_grad",))
-def add_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """main_grad[e] += grad_e.T @ x_e for each expert's rows: one count fetch, one fused GEMM per expert."""
+@torch.library.custom_op("jetmoe::grouped_mm_backward_into_main_grad", mutates_args=("main_grad",))
+def grouped_mm_backward_into_main_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                       counts: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor:
+    """main_grad[e] += grad_e.T @ x_e for each expert's rows (one count fetch, one fused GEMM per expert); returns
+    the gradient of x, grad [M, out] times weight[e] group by group, as the forward ran."""
+    sizes = counts.tolist()
     start = 0
-    for e, rows in enumerate(counts.tolist()):
+    for e, rows in enumerate(sizes):
         if rows:
             add_product_(main_grad[e], grad[start:start + rows].t(), x[start:start + rows])
         start += rows
+    if _grouped_mm_supported(x, weight):
+        return torch._grouped_mm(grad, weight, offs=_offsets(counts))
+    return torch.cat([chunk @ w for chunk, w in zip(grad.split(sizes, dim=0), weight)], dim=0)
 
 
-@add_grouped_weight_grad.register_fake
-def _(grad, x, counts, main_grad):
-    return None
+@grouped_mm_backward_into_main_grad.register_fake
+def _(grad, x, weight, counts, main_grad):
+    return torch.empty_like(x)
 
 
 def _setup_into_main_grad(ctx, inputs, output):
@@ -200,9 +198,7 @@ def _setup_into_main_grad(ctx, inputs, output):
 
 def _backward_into_main_grad(ctx, grad):
     x, weight, counts = ctx.saved_tensors
-    grad = grad.contiguous()
-    add_grouped_weight_grad(grad, x, counts, ctx.main_grad)
-    return _grad_rows(grad, weight, counts, _grouped_mm_supported(x, weight)), None, None, None
+    return grouped_mm_backward_into_main_grad(grad.contiguous(), x, weight, counts, ctx.main_grad), None, None, None
 
 
 grouped_mm_into_main_grad.register_autograd(_backward_into_main_grad, setup_context=_setup_into_main_grad)

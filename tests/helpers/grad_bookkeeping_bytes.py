@@ -23,7 +23,7 @@ from trainer_setup import trainer_from_args
 WRITE_ONLY = {"aten.zero_.default", "aten.fill_.Scalar", "aten._foreach_zero_.default"}
 # The expert weights' backward matmuls adding into the fp32 sum (C += A @ B): their operands are the model's own
 # backward reads; what keeping the gradient costs is C, read and written. The forward op only carries C along.
-ACCUMULATING_MATMULS = {"jetmoe.add_grouped_weight_grad.default": 3}  # op -> the argument that is C
+ACCUMULATING_MATMULS = {"jetmoe.grouped_mm_backward_into_main_grad.default": 4}  # op -> the argument that is C
 CARRIES_ONLY = {"jetmoe.grouped_mm_into_main_grad.default"}
 
 
