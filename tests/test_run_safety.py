@@ -170,7 +170,7 @@ def test_pp3_all_damaged_and_a_second_job_in_the_same_directory(tmp_path, cache)
 
     job_dir = tmp_path / "shared"
     launcher = subprocess.Popen(
-        [str(ROOT / "launch/torchrun.sh"), *command(job_dir, "train.max_steps=500", "parallel.pp=3")[2:]],
+        [str(ROOT / "launch/torchrun.sh"), *command(job_dir, "train.max_steps=100000", "parallel.pp=3")[2:]],
         env={**env(cache), "NPROC_PER_NODE": "3", "PYTHON": sys.executable}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -180,7 +180,7 @@ def test_pp3_all_damaged_and_a_second_job_in_the_same_directory(tmp_path, cache)
         assert metrics(job_dir), "the first job logged no step"
         holder = json.loads((job_dir / LOCK).read_text())
         config = (job_dir / "config.yaml").read_text()
-        second = run(job_dir, "train.max_steps=500", "parallel.pp=3", "train.seed=99", nproc=3, cache=cache)
+        second = run(job_dir, "train.max_steps=100000", "parallel.pp=3", "train.seed=99", nproc=3, cache=cache)
         line = torchrun_user_error(second)
         assert f"is in use by pid {holder['pid']} on {holder['host']}" in line
         assert (job_dir / "config.yaml").read_text() == config
@@ -193,7 +193,7 @@ def test_pp3_all_damaged_and_a_second_job_in_the_same_directory(tmp_path, cache)
     assert launcher.returncode == 0, out[-3000:] + err[-3000:]
     assert "Traceback" not in out + err
     last = [line for line in (out + err).splitlines() if "resume with:" in line]
-    assert len(last) == 1 and last[0].startswith("[launch/torchrun.sh] stopped by SIGINT after step")
+    assert len(last) == 1 and last[0].startswith("[launch/torchrun.sh] stopped by SIGINT after step"), (out + err)[-3000:]
     assert f"launch/torchrun.sh" in last[0] and f"hydra.run.dir={job_dir}" in last[0]
     stopped = max(metrics(job_dir))
     assert [p.name for p in list_checkpoints(job_dir / "checkpoints")][0] == f"step_{stopped:08d}"
@@ -201,7 +201,7 @@ def test_pp3_all_damaged_and_a_second_job_in_the_same_directory(tmp_path, cache)
 
 
 def _start(run_dir, cache, *overrides):
-    proc = subprocess.Popen(command(run_dir, "train.max_steps=500", *overrides), env=env(cache),
+    proc = subprocess.Popen(command(run_dir, "train.max_steps=100000", *overrides), env=env(cache),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:
